@@ -1,0 +1,21 @@
+//! berth's core: the parts every plugin stands on and nothing else.
+//!
+//! - [`registry`]: plugin registrations, dependency order, init outcomes and typed lookups;
+//! - [`config`]: the TOML configuration (containerd's keys), its migrations and warnings;
+//! - [`error`]: the one error vocabulary and its one mapping to and from gRPC status codes;
+//! - [`metadata`]: namespaced records in sled, with a schema version and group-committed flushes;
+//! - [`events`]: the in-process event exchange;
+//! - [`serve`]: the unix-socket gRPC server lifecycle shared by berthd and proxy plugins.
+//!
+//! Storage, snapshots, images, tasks and the gRPC services are plugins outside this crate.
+
+pub mod config;
+pub mod error;
+pub mod events;
+pub mod labels;
+pub mod metadata;
+pub mod namespace;
+pub mod registry;
+pub mod serve;
+
+pub use error::{Error, ErrorKind, Result};

@@ -1,0 +1,805 @@
+//! Namespaced metadata records in sled, with one writer at a time and group-committed flushes.
+//!
+//! # Layout
+//!
+//! Everything lives in one sled tree, `berth.v1`, so a write that touches several records is
+//! one atomic batch. Keys are byte strings of NUL-separated parts (no part may contain NUL):
+//!
+//! ```text
+//! m \0 schema                          -> u32 big-endian: the schema version
+//! n \0 <namespace>                     -> NamespaceRecord (JSON): labels
+//! o \0 <namespace> \0 <kind> \0 <id>   -> the object's record (JSON), kind one of
+//!                                         images, containers, content, snapshots/<snapshotter>,
+//!                                         sandboxes, leases, ingests
+//! ```
+//!
+//! Namespaces exist implicitly: creating an object creates its namespace record. A namespace
+//! can only be deleted once no `o\0<namespace>\0` key is left.
+//!
+//! # Writes and durability
+//!
+//! Writes run one at a time under a short lock (never held across an await) and build a batch
+//! that sled applies atomically. The caller's reply waits for a flush that covers its batch;
+//! concurrent writers share one flush (group commit), so durability does not cost one fsync
+//! per call. With `no_sync` the wait is skipped and sled flushes in the background.
+//!
+//! # Schema versions
+//!
+//! [`SCHEMA_VERSION`] is stored under `m\0schema`. Opening runs the ordered [`MIGRATIONS`]
+//! from the stored version, each in one batch, and refuses a store written by a newer berth.
+
+use std::collections::BTreeMap;
+use std::ops::Bound;
+use std::path::Path;
+use std::sync::{Mutex, MutexGuard, PoisonError};
+
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+use crate::labels::{self, Labels};
+use crate::namespace::Namespace;
+use crate::registry::{PluginKind, PluginType};
+
+/// The schema version this berth writes.
+pub const SCHEMA_VERSION: u32 = 1;
+
+const TREE: &str = "berth.v1";
+const SCHEMA_KEY: &[u8] = b"m\0schema";
+
+/// A schema migration: brings a store from `to - 1` to `to` in one batch.
+pub struct Migration {
+    /// The version the store has after this migration.
+    pub to: u32,
+    /// What it changes, for the log.
+    pub name: &'static str,
+    /// The change itself.
+    pub apply: fn(&mut WriteTxn<'_>) -> Result<()>,
+}
+
+/// Every migration, in order; the last one's `to` is [`SCHEMA_VERSION`].
+pub const MIGRATIONS: &[Migration] = &[Migration {
+    to: 1,
+    name: "initial layout: namespaces and namespaced objects in one tree",
+    // A fresh store has nothing to convert; the version record alone marks the layout.
+    apply: |_txn| Ok(()),
+}];
+
+/// The kinds of namespaced object records.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub enum ObjectKind {
+    /// Image records.
+    Images,
+    /// Container records.
+    Containers,
+    /// Content blob records.
+    Content,
+    /// Snapshot records of one snapshotter.
+    Snapshots(String),
+    /// Sandbox records.
+    Sandboxes,
+    /// Leases.
+    Leases,
+    /// Content ingests in progress.
+    Ingests,
+}
+
+impl ObjectKind {
+    fn encode(&self) -> String {
+        match self {
+            ObjectKind::Images => "images".into(),
+            ObjectKind::Containers => "containers".into(),
+            ObjectKind::Content => "content".into(),
+            ObjectKind::Snapshots(sn) => format!("snapshots/{sn}"),
+            ObjectKind::Sandboxes => "sandboxes".into(),
+            ObjectKind::Leases => "leases".into(),
+            ObjectKind::Ingests => "ingests".into(),
+        }
+    }
+}
+
+fn check_part(part: &str, what: &str) -> Result<()> {
+    if part.as_bytes().contains(&0) {
+        return Err(Error::invalid_argument(format!(
+            "{what} {part:?} contains a NUL byte"
+        )));
+    }
+    Ok(())
+}
+
+fn namespace_key(ns: &Namespace) -> Vec<u8> {
+    [b"n\0", ns.as_str().as_bytes()].concat()
+}
+
+fn objects_prefix(ns: &Namespace) -> Vec<u8> {
+    [b"o\0", ns.as_str().as_bytes(), b"\0"].concat()
+}
+
+fn kind_prefix(ns: &Namespace, kind: &ObjectKind) -> Result<Vec<u8>> {
+    let kind = kind.encode();
+    check_part(&kind, "object kind")?;
+    Ok([objects_prefix(ns), kind.into_bytes(), b"\0".to_vec()].concat())
+}
+
+fn object_key(ns: &Namespace, kind: &ObjectKind, id: &str) -> Result<Vec<u8>> {
+    check_part(id, "object id")?;
+    Ok([kind_prefix(ns, kind)?, id.as_bytes().to_vec()].concat())
+}
+
+fn encode<T: Serialize>(value: &T) -> Result<Vec<u8>> {
+    serde_json::to_vec(value).map_err(|e| Error::internal(format!("encode record: {e}")))
+}
+
+fn decode<T: DeserializeOwned>(key: &[u8], bytes: &[u8]) -> Result<T> {
+    serde_json::from_slice(bytes).map_err(|e| {
+        Error::internal(format!(
+            "metadata record {:?} is corrupt: {e}",
+            String::from_utf8_lossy(key)
+        ))
+    })
+}
+
+/// A namespace's own record.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct NamespaceRecord {
+    /// The namespace's labels.
+    pub labels: Labels,
+}
+
+/// Options of the metadata store (`[plugins."io.containerd.metadata.v1.sled"]`).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct MetadataConfig {
+    /// Reply before the change is flushed to disk: faster, but a power loss may lose
+    /// acknowledged changes. For ephemeral nodes only (containerd PR 10745).
+    pub no_sync: bool,
+    /// `shared` (default) or `isolated`: whether a blob one namespace has is visible to another
+    /// that proves it has the bytes. Read by the content plugin.
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub content_sharing_policy: String,
+}
+
+/// Typed lookup of the metadata store in the registry.
+pub struct MetadataKind;
+impl PluginKind for MetadataKind {
+    const TYPE: PluginType = PluginType::METADATA;
+    type Object = MetaStore;
+}
+
+/// The metadata store.
+pub struct MetaStore {
+    db: sled::Db,
+    tree: sled::Tree,
+    writer: Mutex<()>,
+    flush: GroupFlush,
+    no_sync: bool,
+}
+
+impl std::fmt::Debug for MetaStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MetaStore").field("no_sync", &self.no_sync).finish_non_exhaustive()
+    }
+}
+
+impl MetaStore {
+    /// Opens (creating) the store at `dir` and brings its schema up to date. Blocking.
+    pub fn open(dir: &Path, config: &MetadataConfig) -> Result<MetaStore> {
+        Self::open_with(dir, config, MIGRATIONS)
+    }
+
+    fn open_with(dir: &Path, config: &MetadataConfig, migrations: &[Migration]) -> Result<MetaStore> {
+        let db = sled::Config::new()
+            .path(dir)
+            .flush_every_ms(if config.no_sync { Some(1000) } else { None })
+            .open()
+            .map_err(|e| match e {
+                sled::Error::Io(io) if io.kind() == std::io::ErrorKind::WouldBlock => {
+                    Error::new(
+                        crate::ErrorKind::Unavailable,
+                        format!(
+                            "metadata store {} is locked by another process: is another berthd \
+                             using this root?",
+                            dir.display()
+                        ),
+                    )
+                }
+                other => Error::internal(format!(
+                    "cannot open metadata store {}: {other}",
+                    dir.display()
+                )),
+            })?;
+        let tree = db.open_tree(TREE)?;
+        let store = MetaStore {
+            db,
+            tree,
+            writer: Mutex::new(()),
+            flush: GroupFlush::new(),
+            no_sync: config.no_sync,
+        };
+        store.migrate(migrations)?;
+        store.db.flush()?;
+        Ok(store)
+    }
+
+    /// The stored schema version (0 for a store that has none yet).
+    pub fn schema_version(&self) -> Result<u32> {
+        Ok(match self.tree.get(SCHEMA_KEY)? {
+            None => 0,
+            Some(bytes) => {
+                let raw: [u8; 4] = bytes.as_ref().try_into().map_err(|_| {
+                    Error::internal("metadata schema version record is corrupt")
+                })?;
+                u32::from_be_bytes(raw)
+            }
+        })
+    }
+
+    fn migrate(&self, migrations: &[Migration]) -> Result<()> {
+        let target = migrations.last().map_or(0, |m| m.to);
+        let mut version = self.schema_version()?;
+        if version > target {
+            return Err(Error::failed_precondition(format!(
+                "metadata schema version {version} is newer than this berth's {target}: \
+                 run a berth at least as new as the one that wrote it"
+            )));
+        }
+        let start = version;
+        for migration in migrations.iter().filter(|m| m.to > start) {
+            if migration.to != version + 1 {
+                return Err(Error::internal(format!(
+                    "metadata migrations skip from {version} to {}",
+                    migration.to
+                )));
+            }
+            self.write_sync(|txn| {
+                (migration.apply)(txn)?;
+                txn.put(SCHEMA_KEY.to_vec(), migration.to.to_be_bytes().to_vec());
+                Ok(())
+            })?;
+            tracing::info!(to = migration.to, name = migration.name, "metadata schema migrated");
+            version = migration.to;
+        }
+        Ok(())
+    }
+
+    fn lock_writer(&self) -> MutexGuard<'_, ()> {
+        self.writer.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Runs `f` as the only writer and applies its changes atomically; returns the write's
+    /// sequence number for [`MetaStore::durable`]. Nothing is written if `f` fails.
+    fn write_sync<T>(&self, f: impl FnOnce(&mut WriteTxn<'_>) -> Result<T>) -> Result<(T, u64)> {
+        let _guard = self.lock_writer();
+        let mut txn = WriteTxn {
+            tree: &self.tree,
+            pending: BTreeMap::new(),
+        };
+        let out = f(&mut txn)?;
+        if txn.pending.is_empty() {
+            return Ok((out, 0));
+        }
+        let mut batch = sled::Batch::default();
+        for (key, value) in txn.pending {
+            match value {
+                Some(v) => batch.insert(key, v),
+                None => batch.remove(key),
+            }
+        }
+        self.tree.apply_batch(batch)?;
+        Ok((out, self.flush.wrote()))
+    }
+
+    /// Runs `f` as the only writer, applies its changes atomically, and returns once they are
+    /// durable (sharing the flush with concurrent writers).
+    pub async fn write<T>(&self, f: impl FnOnce(&mut WriteTxn<'_>) -> Result<T>) -> Result<T> {
+        let (out, seq) = self.write_sync(f)?;
+        if seq != 0 && !self.no_sync {
+            self.flush.wait(&self.db, seq).await?;
+        }
+        Ok(out)
+    }
+
+    /// Reads one record.
+    pub fn get_raw(&self, key: &[u8]) -> Result<Option<Vec<u8>>> {
+        Ok(self.tree.get(key)?.map(|v| v.to_vec()))
+    }
+
+    /// Creates a namespace; AlreadyExists if it exists.
+    pub async fn create_namespace(&self, ns: &Namespace, labels: Labels) -> Result<()> {
+        labels::validate_all(&labels)?;
+        self.write(|txn| {
+            let key = namespace_key(ns);
+            if txn.get(&key)?.is_some() {
+                return Err(Error::already_exists(format!("namespace {:?}", ns.as_str())));
+            }
+            txn.put(key, encode(&NamespaceRecord { labels })?);
+            Ok(())
+        })
+        .await
+    }
+
+    /// A namespace's labels; empty for a namespace that does not exist, as in containerd.
+    pub fn namespace_labels(&self, ns: &Namespace) -> Result<Labels> {
+        let key = namespace_key(ns);
+        Ok(match self.tree.get(&key)? {
+            None => Labels::new(),
+            Some(bytes) => decode::<NamespaceRecord>(&key, &bytes)?.labels,
+        })
+    }
+
+    /// Every namespace with its labels, by name.
+    pub fn list_namespaces(&self) -> Result<Vec<(Namespace, Labels)>> {
+        let mut out = Vec::new();
+        for item in self.tree.scan_prefix(b"n\0") {
+            let (key, value) = item?;
+            let name = String::from_utf8_lossy(&key[2..]).into_owned();
+            let ns = Namespace::parse(&name)?;
+            out.push((ns, decode::<NamespaceRecord>(&key, &value)?.labels));
+        }
+        Ok(out)
+    }
+
+    /// Changes a namespace's labels (creating the namespace): each `(key, value)` is set, an
+    /// empty value removes the key. With `replace`, labels not named are removed first.
+    pub async fn update_namespace_labels(
+        &self,
+        ns: &Namespace,
+        changes: &[(String, String)],
+        replace: bool,
+    ) -> Result<Labels> {
+        for (k, v) in changes {
+            labels::validate(k, v)?;
+        }
+        self.write(|txn| {
+            let key = namespace_key(ns);
+            let mut record: NamespaceRecord = match txn.get(&key)? {
+                Some(bytes) => decode(&key, &bytes)?,
+                None => NamespaceRecord::default(),
+            };
+            if replace {
+                record.labels.clear();
+            }
+            for (k, v) in changes {
+                if v.is_empty() {
+                    record.labels.remove(k);
+                } else {
+                    record.labels.insert(k.clone(), v.clone());
+                }
+            }
+            txn.put(key, encode(&record)?);
+            Ok(record.labels)
+        })
+        .await
+    }
+
+    /// Deletes an empty namespace: NotFound if absent, FailedPrecondition naming what it
+    /// still holds otherwise.
+    pub async fn delete_namespace(&self, ns: &Namespace) -> Result<()> {
+        self.write(|txn| {
+            let key = namespace_key(ns);
+            if txn.get(&key)?.is_none() {
+                return Err(Error::not_found(format!("namespace {:?}", ns.as_str())));
+            }
+            let prefix = objects_prefix(ns);
+            let mut kinds: Vec<String> = Vec::new();
+            for (k, _) in txn.scan_prefix(&prefix)? {
+                let rest = &k[prefix.len()..];
+                let kind = rest.split(|&b| b == 0).next().unwrap_or_default();
+                let kind = String::from_utf8_lossy(kind).into_owned();
+                if !kinds.contains(&kind) {
+                    kinds.push(kind);
+                }
+            }
+            if !kinds.is_empty() {
+                return Err(Error::failed_precondition(format!(
+                    "namespace {:?} must be empty, but it still has {}",
+                    ns.as_str(),
+                    kinds.join(", ")
+                )));
+            }
+            txn.remove(key);
+            Ok(())
+        })
+        .await
+    }
+
+    /// One object record, decoded.
+    pub fn get_object<T: DeserializeOwned>(
+        &self,
+        ns: &Namespace,
+        kind: &ObjectKind,
+        id: &str,
+    ) -> Result<Option<T>> {
+        let key = object_key(ns, kind, id)?;
+        self.tree.get(&key)?.map(|v| decode(&key, &v)).transpose()
+    }
+
+    /// Every object of a kind in a namespace, by id.
+    pub fn list_objects<T: DeserializeOwned>(
+        &self,
+        ns: &Namespace,
+        kind: &ObjectKind,
+    ) -> Result<Vec<(String, T)>> {
+        let prefix = kind_prefix(ns, kind)?;
+        let mut out = Vec::new();
+        for item in self.tree.scan_prefix(&prefix) {
+            let (key, value) = item?;
+            let id = String::from_utf8_lossy(&key[prefix.len()..]).into_owned();
+            out.push((id, decode(&key, &value)?));
+        }
+        Ok(out)
+    }
+}
+
+/// The changes of one write, seen by later reads of the same write.
+pub struct WriteTxn<'a> {
+    tree: &'a sled::Tree,
+    pending: BTreeMap<Vec<u8>, Option<Vec<u8>>>,
+}
+
+impl WriteTxn<'_> {
+    /// Reads a record as this write sees it.
+    pub fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>> {
+        match self.pending.get(key) {
+            Some(pending) => Ok(pending.clone()),
+            None => Ok(self.tree.get(key)?.map(|v| v.to_vec())),
+        }
+    }
+
+    /// Sets a record.
+    pub fn put(&mut self, key: Vec<u8>, value: Vec<u8>) {
+        self.pending.insert(key, Some(value));
+    }
+
+    /// Removes a record.
+    pub fn remove(&mut self, key: Vec<u8>) {
+        self.pending.insert(key, None);
+    }
+
+    /// Every record under `prefix` as this write sees it, in key order.
+    pub fn scan_prefix(&self, prefix: &[u8]) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
+        let mut merged: BTreeMap<Vec<u8>, Vec<u8>> = BTreeMap::new();
+        for item in self.tree.scan_prefix(prefix) {
+            let (k, v) = item?;
+            merged.insert(k.to_vec(), v.to_vec());
+        }
+        let range = self
+            .pending
+            .range::<[u8], _>((Bound::Included(prefix), Bound::Unbounded))
+            .take_while(|(k, _)| k.starts_with(prefix));
+        for (k, v) in range {
+            match v {
+                Some(v) => merged.insert(k.clone(), v.clone()),
+                None => merged.remove(k),
+            };
+        }
+        Ok(merged.into_iter().collect())
+    }
+
+    /// Sets an object record, creating its namespace if needed.
+    pub fn put_object<T: Serialize>(
+        &mut self,
+        ns: &Namespace,
+        kind: &ObjectKind,
+        id: &str,
+        record: &T,
+    ) -> Result<()> {
+        let ns_key = namespace_key(ns);
+        if self.get(&ns_key)?.is_none() {
+            self.put(ns_key, encode(&NamespaceRecord::default())?);
+        }
+        let key = object_key(ns, kind, id)?;
+        let value = encode(record)?;
+        self.put(key, value);
+        Ok(())
+    }
+
+    /// Removes an object record.
+    pub fn remove_object(&mut self, ns: &Namespace, kind: &ObjectKind, id: &str) -> Result<()> {
+        let key = object_key(ns, kind, id)?;
+        self.remove(key);
+        Ok(())
+    }
+}
+
+/// Group commit: writers wait for a flush that covers their write; one flush serves all the
+/// writers that arrived while it was pending.
+struct GroupFlush {
+    state: Mutex<FlushState>,
+    flushes: std::sync::atomic::AtomicU64,
+    flushed: tokio::sync::watch::Sender<u64>,
+}
+
+#[derive(Default)]
+struct FlushState {
+    written: u64,
+    flushing: bool,
+}
+
+impl GroupFlush {
+    fn new() -> Self {
+        GroupFlush {
+            state: Mutex::new(FlushState::default()),
+            flushes: std::sync::atomic::AtomicU64::new(0),
+            flushed: tokio::sync::watch::Sender::new(0),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, FlushState> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Counts a write applied to the tree; called under the writer lock so numbers follow
+    /// the order of writes.
+    fn wrote(&self) -> u64 {
+        let mut state = self.lock();
+        state.written += 1;
+        state.written
+    }
+
+    async fn wait(&self, db: &sled::Db, seq: u64) -> Result<()> {
+        loop {
+            let mut changes = self.flushed.subscribe();
+            if *changes.borrow() >= seq {
+                return Ok(());
+            }
+            let target = {
+                let mut state = self.lock();
+                if state.flushing {
+                    None
+                } else {
+                    state.flushing = true;
+                    Some(state.written)
+                }
+            };
+            let Some(target) = target else {
+                // Another writer is flushing; its flush may or may not cover us: look again
+                // when it finishes.
+                let _ = changes.changed().await;
+                continue;
+            };
+            let db = db.clone();
+            let result = tokio::task::spawn_blocking(move || db.flush())
+                .await
+                .map_err(|e| Error::internal(format!("metadata flush task: {e}")))
+                .and_then(|r| r.map(|_| ()).map_err(Error::from));
+            self.lock().flushing = false;
+            self.flushes.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            match result {
+                Ok(()) => {
+                    self.flushed.send_modify(|f| *f = (*f).max(target));
+                    return Ok(());
+                }
+                Err(e) => {
+                    // Wake the waiters so one of them retries the flush.
+                    self.flushed.send_modify(|_| {});
+                    return Err(e);
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ErrorKind;
+    use crate::error::Classify;
+    use std::sync::Arc;
+
+    fn ns(name: &str) -> Namespace {
+        Namespace::parse(name).expect("valid")
+    }
+
+    fn open(dir: &Path) -> MetaStore {
+        MetaStore::open(&dir.join("meta"), &MetadataConfig::default()).expect("open")
+    }
+
+    #[tokio::test]
+    async fn namespaces_create_label_list_delete() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = open(dir.path());
+        let a = ns("a");
+        store
+            .create_namespace(&a, Labels::from([("k".into(), "v".into())]))
+            .await
+            .expect("create");
+        let err = store.create_namespace(&a, Labels::new()).await.expect_err("twice");
+        assert_eq!(err.kind(), ErrorKind::AlreadyExists);
+        let labels = store
+            .update_namespace_labels(&a, &[("x".into(), "1".into()), ("k".into(), String::new())], false)
+            .await
+            .expect("label");
+        assert_eq!(labels, Labels::from([("x".into(), "1".into())]));
+        let labels = store
+            .update_namespace_labels(&a, &[("y".into(), "2".into())], true)
+            .await
+            .expect("replace");
+        assert_eq!(labels, Labels::from([("y".into(), "2".into())]));
+        assert_eq!(store.namespace_labels(&ns("absent")).expect("get"), Labels::new());
+        let names: Vec<String> = store
+            .list_namespaces()
+            .expect("list")
+            .into_iter()
+            .map(|(n, _)| n.to_string())
+            .collect();
+        assert_eq!(names, ["a"]);
+        store.delete_namespace(&a).await.expect("delete");
+        let err = store.delete_namespace(&a).await.expect_err("gone");
+        assert_eq!(err.kind(), ErrorKind::NotFound);
+    }
+
+    #[tokio::test]
+    async fn a_namespace_with_records_cannot_be_deleted() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = open(dir.path());
+        let busy = ns("busy");
+        store
+            .write(|txn| {
+                txn.put_object(&busy, &ObjectKind::Images, "docker.io/library/busybox:latest", &1)?;
+                txn.put_object(&busy, &ObjectKind::Snapshots("overlayfs".into()), "k", &2)
+            })
+            .await
+            .expect("put");
+        let err = store.delete_namespace(&busy).await.expect_err("not empty");
+        assert_eq!(err.kind(), ErrorKind::FailedPrecondition);
+        let text = err.to_string();
+        assert!(text.contains("images") && text.contains("snapshots/overlayfs"), "{text}");
+        store
+            .write(|txn| {
+                txn.remove_object(&busy, &ObjectKind::Images, "docker.io/library/busybox:latest")?;
+                txn.remove_object(&busy, &ObjectKind::Snapshots("overlayfs".into()), "k")
+            })
+            .await
+            .expect("remove");
+        store.delete_namespace(&busy).await.expect("now empty");
+    }
+
+    #[tokio::test]
+    async fn a_failed_write_changes_nothing() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = open(dir.path());
+        let a = ns("a");
+        let err = store
+            .write(|txn| {
+                txn.put_object(&a, &ObjectKind::Leases, "l1", &"x")?;
+                Err::<(), _>(Error::invalid_argument("no"))
+            })
+            .await
+            .expect_err("fails");
+        assert_eq!(err.kind(), ErrorKind::InvalidArgument);
+        assert!(store.list_namespaces().expect("list").is_empty());
+        assert!(
+            store
+                .get_object::<String>(&a, &ObjectKind::Leases, "l1")
+                .expect("get")
+                .is_none()
+        );
+    }
+
+    #[tokio::test]
+    async fn writes_see_their_own_changes_and_records_survive_reopen() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let a = ns("a");
+        {
+            let store = open(dir.path());
+            store
+                .write(|txn| {
+                    txn.put_object(&a, &ObjectKind::Content, "sha256:1", &10u64)?;
+                    txn.put_object(&a, &ObjectKind::Content, "sha256:2", &20u64)?;
+                    txn.remove_object(&a, &ObjectKind::Content, "sha256:1")?;
+                    let seen = txn.scan_prefix(&kind_prefix(&a, &ObjectKind::Content)?)?;
+                    assert_eq!(seen.len(), 1);
+                    Ok(())
+                })
+                .await
+                .expect("write");
+        }
+        let store = open(dir.path());
+        let all: Vec<(String, u64)> = store.list_objects(&a, &ObjectKind::Content).expect("list");
+        assert_eq!(all, [("sha256:2".to_owned(), 20)]);
+        assert_eq!(store.schema_version().expect("version"), SCHEMA_VERSION);
+    }
+
+    #[tokio::test]
+    async fn concurrent_writers_share_flushes() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Arc::new(open(dir.path()));
+        let mut tasks = Vec::new();
+        for i in 0..64 {
+            let store = Arc::clone(&store);
+            tasks.push(tokio::spawn(async move {
+                store
+                    .create_namespace(&ns(&format!("n{i}")), Labels::new())
+                    .await
+            }));
+        }
+        for t in tasks {
+            t.await.expect("join").expect("create");
+        }
+        assert_eq!(store.list_namespaces().expect("list").len(), 64);
+        let written = store.flush.lock().written;
+        let flushed = *store.flush.flushed.borrow();
+        assert_eq!(flushed, written, "every write is covered by a flush");
+        let flushes = store.flush.flushes.load(std::sync::atomic::Ordering::Relaxed);
+        assert!(flushes < 16, "64 concurrent writers shared flushes, yet {flushes} ran");
+    }
+
+    #[test]
+    fn migrations_are_ordered_and_end_at_the_schema_version() {
+        let mut previous = 0;
+        for m in MIGRATIONS {
+            assert_eq!(m.to, previous + 1, "{}", m.name);
+            previous = m.to;
+        }
+        assert_eq!(previous, SCHEMA_VERSION);
+    }
+
+    #[test]
+    fn migrations_run_in_order_once_and_a_newer_store_is_refused() {
+        const V2: &[Migration] = &[
+            Migration { to: 1, name: "initial", apply: |_| Ok(()) },
+            Migration {
+                to: 2,
+                name: "add a marker",
+                apply: |txn| {
+                    assert!(txn.get(b"m\0marker")?.is_none(), "runs once");
+                    txn.put(b"m\0marker".to_vec(), b"2".to_vec());
+                    Ok(())
+                },
+            },
+        ];
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("meta");
+        {
+            let store = MetaStore::open(&path, &MetadataConfig::default()).expect("v1");
+            assert_eq!(store.schema_version().expect("v"), 1);
+        }
+        {
+            let store =
+                MetaStore::open_with(&path, &MetadataConfig::default(), V2).expect("to v2");
+            assert_eq!(store.schema_version().expect("v"), 2);
+            assert_eq!(store.get_raw(b"m\0marker").expect("get"), Some(b"2".to_vec()));
+        }
+        {
+            let store =
+                MetaStore::open_with(&path, &MetadataConfig::default(), V2).expect("again");
+            assert_eq!(store.schema_version().expect("v"), 2);
+        }
+        let err = MetaStore::open(&path, &MetadataConfig::default()).expect_err("newer");
+        assert_eq!(err.kind(), ErrorKind::FailedPrecondition);
+        assert!(err.to_string().contains("newer"), "{err}");
+    }
+
+    #[test]
+    fn nul_bytes_in_ids_are_refused() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = open(dir.path());
+        let err = store
+            .get_object::<u8>(&ns("a"), &ObjectKind::Images, "bad\0id")
+            .expect_err("nul");
+        assert_eq!(err.kind(), ErrorKind::InvalidArgument);
+    }
+}
+
+/// The metadata store as a plugin, `io.containerd.metadata.v1.sled`, opened under its root.
+pub fn registration() -> crate::registry::Registration {
+    use crate::registry::{Instance, Registration};
+    Registration::new(PluginType::METADATA, "sled", |ctx| async move {
+        let config: MetadataConfig = ctx.config()?;
+        if config.no_sync {
+            tracing::warn!(
+                "metadata no_sync is set: replies do not wait for disk flushes, so a power loss \
+                 can lose acknowledged changes; use it only on ephemeral nodes"
+            );
+        }
+        let dir = ctx.root().join("meta.sled");
+        let store = tokio::task::spawn_blocking(move || MetaStore::open(&dir, &config))
+            .await
+            .map_err(|e| Error::internal(format!("metadata open task: {e}")))??;
+        Ok(Instance::new::<MetadataKind>(std::sync::Arc::new(store)))
+    })
+    .requires(&[PluginType::EVENT])
+    .with_config::<MetadataConfig>()
+}
