@@ -177,7 +177,10 @@ impl fmt::Display for Notice {
                 write!(f, "section [plugins.{from:?}] is read as [plugins.{to:?}]")
             }
             Notice::UnknownKey { section, key } => {
-                write!(f, "unknown key {key:?} in section [{section}]; it is ignored")
+                write!(
+                    f,
+                    "unknown key {key:?} in section [{section}]; it is ignored"
+                )
             }
         }
     }
@@ -433,7 +436,9 @@ fn migrate_cri_v2_to_v3(plugins: &mut toml::Table) {
         }
         if let Some(toml::Value::Table(runtimes)) = runtime_containerd.get_mut("runtimes") {
             for (_, runtime) in runtimes.iter_mut() {
-                let Some(runtime) = runtime.as_table_mut() else { continue };
+                let Some(runtime) = runtime.as_table_mut() else {
+                    continue;
+                };
                 if let Some(mode) = runtime.remove("sandbox_mode") {
                     runtime.entry("sandboxer").or_insert(mode);
                 }
@@ -525,10 +530,18 @@ mod tests {
             ]
         );
         assert_eq!(
-            loaded.notices.iter().filter(|n| matches!(n, Notice::Migrated { .. })).count(),
+            loaded
+                .notices
+                .iter()
+                .filter(|n| matches!(n, Notice::Migrated { .. }))
+                .count(),
             1
         );
-        assert!(loaded.notices.iter().all(|n| !n.is_warning()), "{:?}", loaded.notices);
+        assert!(
+            loaded.notices.iter().all(|n| !n.is_warning()),
+            "{:?}",
+            loaded.notices
+        );
     }
 
     #[test]
@@ -551,20 +564,28 @@ enable_selinux = false
 "#,
         );
         let p = &loaded.config.plugins;
-        let runtime = p["io.containerd.cri.v1.runtime"].as_table().expect("runtime");
+        let runtime = p["io.containerd.cri.v1.runtime"]
+            .as_table()
+            .expect("runtime");
         let images = p["io.containerd.cri.v1.images"].as_table().expect("images");
         let server = p["io.containerd.grpc.v1.cri"].as_table().expect("server");
         assert!(!runtime.contains_key("max_concurrent_downloads"));
         assert!(!runtime.contains_key("sandbox_image"));
         assert_eq!(images["max_concurrent_downloads"].as_integer(), Some(5));
         assert_eq!(images["snapshotter"].as_str(), Some("overlayfs"));
-        assert_eq!(images["pinned_images"]["sandbox"].as_str(), Some("pause:3.9"));
+        assert_eq!(
+            images["pinned_images"]["sandbox"].as_str(),
+            Some("pause:3.9")
+        );
         // An existing v3 key is not overwritten by the migrated one.
         assert_eq!(runtime["enable_selinux"].as_bool(), Some(false));
         let runc = &runtime["containerd"]["runtimes"]["runc"];
         assert_eq!(runc["sandboxer"].as_str(), Some("podsandbox"));
         assert!(runc.get("sandbox_mode").is_none());
-        assert_eq!(runtime["containerd"]["default_runtime_name"].as_str(), Some("runc"));
+        assert_eq!(
+            runtime["containerd"]["default_runtime_name"].as_str(),
+            Some("runc")
+        );
         assert!(runtime["containerd"].get("snapshotter").is_none());
         assert_eq!(server["stream_server_port"].as_str(), Some("0"));
         assert_eq!(server.len(), 1);

@@ -239,7 +239,10 @@ mod tests {
         for kind in ALL {
             let err = Error::new(kind, format!("object \"x\" in {kind:?}"));
             let status = to_status(&err);
-            assert_eq!(status.message(), format!("object \"x\" in {kind:?}: {}", kind.phrase()));
+            assert_eq!(
+                status.message(),
+                format!("object \"x\" in {kind:?}: {}", kind.phrase())
+            );
             let back = Error::from_status(&status);
             assert_eq!(back, err, "{kind:?} did not round-trip");
         }

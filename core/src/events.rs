@@ -42,8 +42,9 @@ pub fn validate_topic(topic: &str) -> Result<()> {
         )));
     }
     for part in rest.split('/') {
-        validate_identifier(part)
-            .map_err(|e| Error::invalid_argument(format!("event topic {topic:?}: {}", e.message())))?;
+        validate_identifier(part).map_err(|e| {
+            Error::invalid_argument(format!("event topic {topic:?}: {}", e.message()))
+        })?;
     }
     Ok(())
 }
@@ -149,7 +150,9 @@ mod tests {
         let exchange = Exchange::default();
         let mut slow = exchange.subscribe();
         for _ in 0..SUBSCRIBER_QUEUE + 10 {
-            exchange.publish(event("/namespaces/create")).expect("publish");
+            exchange
+                .publish(event("/namespaces/create"))
+                .expect("publish");
         }
         match slow.next().await {
             Received::Lost(n) => assert_eq!(n, 10),

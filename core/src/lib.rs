@@ -5,6 +5,7 @@
 //! - [`error`]: the one error vocabulary and its one mapping to and from gRPC status codes;
 //! - [`metadata`]: namespaced records in sled, with a schema version and group-committed flushes;
 //! - [`events`]: the in-process event exchange;
+//! - [`filters`]: containerd's filter language for List calls and subscriptions;
 //! - [`serve`]: the unix-socket gRPC server lifecycle shared by berthd and proxy plugins.
 //!
 //! Storage, snapshots, images, tasks and the gRPC services are plugins outside this crate.
@@ -12,6 +13,7 @@
 pub mod config;
 pub mod error;
 pub mod events;
+pub mod filters;
 pub mod labels;
 pub mod metadata;
 pub mod namespace;

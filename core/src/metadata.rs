@@ -178,7 +178,9 @@ pub struct MetaStore {
 
 impl std::fmt::Debug for MetaStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("MetaStore").field("no_sync", &self.no_sync).finish_non_exhaustive()
+        f.debug_struct("MetaStore")
+            .field("no_sync", &self.no_sync)
+            .finish_non_exhaustive()
     }
 }
 
@@ -188,22 +190,24 @@ impl MetaStore {
         Self::open_with(dir, config, MIGRATIONS)
     }
 
-    fn open_with(dir: &Path, config: &MetadataConfig, migrations: &[Migration]) -> Result<MetaStore> {
+    fn open_with(
+        dir: &Path,
+        config: &MetadataConfig,
+        migrations: &[Migration],
+    ) -> Result<MetaStore> {
         let db = sled::Config::new()
             .path(dir)
             .flush_every_ms(if config.no_sync { Some(1000) } else { None })
             .open()
             .map_err(|e| match e {
-                sled::Error::Io(io) if io.kind() == std::io::ErrorKind::WouldBlock => {
-                    Error::new(
-                        crate::ErrorKind::Unavailable,
-                        format!(
-                            "metadata store {} is locked by another process: is another berthd \
+                sled::Error::Io(io) if io.kind() == std::io::ErrorKind::WouldBlock => Error::new(
+                    crate::ErrorKind::Unavailable,
+                    format!(
+                        "metadata store {} is locked by another process: is another berthd \
                              using this root?",
-                            dir.display()
-                        ),
-                    )
-                }
+                        dir.display()
+                    ),
+                ),
                 other => Error::internal(format!(
                     "cannot open metadata store {}: {other}",
                     dir.display()
@@ -227,9 +231,10 @@ impl MetaStore {
         Ok(match self.tree.get(SCHEMA_KEY)? {
             None => 0,
             Some(bytes) => {
-                let raw: [u8; 4] = bytes.as_ref().try_into().map_err(|_| {
-                    Error::internal("metadata schema version record is corrupt")
-                })?;
+                let raw: [u8; 4] = bytes
+                    .as_ref()
+                    .try_into()
+                    .map_err(|_| Error::internal("metadata schema version record is corrupt"))?;
                 u32::from_be_bytes(raw)
             }
         })
@@ -257,7 +262,11 @@ impl MetaStore {
                 txn.put(SCHEMA_KEY.to_vec(), migration.to.to_be_bytes().to_vec());
                 Ok(())
             })?;
-            tracing::info!(to = migration.to, name = migration.name, "metadata schema migrated");
+            tracing::info!(
+                to = migration.to,
+                name = migration.name,
+                "metadata schema migrated"
+            );
             version = migration.to;
         }
         Ok(())
@@ -311,7 +320,10 @@ impl MetaStore {
         self.write(|txn| {
             let key = namespace_key(ns);
             if txn.get(&key)?.is_some() {
-                return Err(Error::already_exists(format!("namespace {:?}", ns.as_str())));
+                return Err(Error::already_exists(format!(
+                    "namespace {:?}",
+                    ns.as_str()
+                )));
             }
             txn.put(key, encode(&NamespaceRecord { labels })?);
             Ok(())
@@ -565,7 +577,8 @@ impl GroupFlush {
                 .map_err(|e| Error::internal(format!("metadata flush task: {e}")))
                 .and_then(|r| r.map(|_| ()).map_err(Error::from));
             self.lock().flushing = false;
-            self.flushes.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            self.flushes
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             match result {
                 Ok(()) => {
                     self.flushed.send_modify(|f| *f = (*f).max(target));
@@ -579,6 +592,27 @@ impl GroupFlush {
             }
         }
     }
+}
+
+/// The metadata store as a plugin, `io.containerd.metadata.v1.sled`, opened under its root.
+pub fn registration() -> crate::registry::Registration {
+    use crate::registry::{Instance, Registration};
+    Registration::new(PluginType::METADATA, "sled", |ctx| async move {
+        let config: MetadataConfig = ctx.config()?;
+        if config.no_sync {
+            tracing::warn!(
+                "metadata no_sync is set: replies do not wait for disk flushes, so a power loss \
+                 can lose acknowledged changes; use it only on ephemeral nodes"
+            );
+        }
+        let dir = ctx.root().join("meta.sled");
+        let store = tokio::task::spawn_blocking(move || MetaStore::open(&dir, &config))
+            .await
+            .map_err(|e| Error::internal(format!("metadata open task: {e}")))??;
+        Ok(Instance::new::<MetadataKind>(std::sync::Arc::new(store)))
+    })
+    .requires(&[PluginType::EVENT])
+    .with_config::<MetadataConfig>()
 }
 
 #[cfg(test)]
@@ -605,10 +639,17 @@ mod tests {
             .create_namespace(&a, Labels::from([("k".into(), "v".into())]))
             .await
             .expect("create");
-        let err = store.create_namespace(&a, Labels::new()).await.expect_err("twice");
+        let err = store
+            .create_namespace(&a, Labels::new())
+            .await
+            .expect_err("twice");
         assert_eq!(err.kind(), ErrorKind::AlreadyExists);
         let labels = store
-            .update_namespace_labels(&a, &[("x".into(), "1".into()), ("k".into(), String::new())], false)
+            .update_namespace_labels(
+                &a,
+                &[("x".into(), "1".into()), ("k".into(), String::new())],
+                false,
+            )
             .await
             .expect("label");
         assert_eq!(labels, Labels::from([("x".into(), "1".into())]));
@@ -617,7 +658,10 @@ mod tests {
             .await
             .expect("replace");
         assert_eq!(labels, Labels::from([("y".into(), "2".into())]));
-        assert_eq!(store.namespace_labels(&ns("absent")).expect("get"), Labels::new());
+        assert_eq!(
+            store.namespace_labels(&ns("absent")).expect("get"),
+            Labels::new()
+        );
         let names: Vec<String> = store
             .list_namespaces()
             .expect("list")
@@ -637,7 +681,12 @@ mod tests {
         let busy = ns("busy");
         store
             .write(|txn| {
-                txn.put_object(&busy, &ObjectKind::Images, "docker.io/library/busybox:latest", &1)?;
+                txn.put_object(
+                    &busy,
+                    &ObjectKind::Images,
+                    "docker.io/library/busybox:latest",
+                    &1,
+                )?;
                 txn.put_object(&busy, &ObjectKind::Snapshots("overlayfs".into()), "k", &2)
             })
             .await
@@ -645,10 +694,17 @@ mod tests {
         let err = store.delete_namespace(&busy).await.expect_err("not empty");
         assert_eq!(err.kind(), ErrorKind::FailedPrecondition);
         let text = err.to_string();
-        assert!(text.contains("images") && text.contains("snapshots/overlayfs"), "{text}");
+        assert!(
+            text.contains("images") && text.contains("snapshots/overlayfs"),
+            "{text}"
+        );
         store
             .write(|txn| {
-                txn.remove_object(&busy, &ObjectKind::Images, "docker.io/library/busybox:latest")?;
+                txn.remove_object(
+                    &busy,
+                    &ObjectKind::Images,
+                    "docker.io/library/busybox:latest",
+                )?;
                 txn.remove_object(&busy, &ObjectKind::Snapshots("overlayfs".into()), "k")
             })
             .await
@@ -722,8 +778,14 @@ mod tests {
         let written = store.flush.lock().written;
         let flushed = *store.flush.flushed.borrow();
         assert_eq!(flushed, written, "every write is covered by a flush");
-        let flushes = store.flush.flushes.load(std::sync::atomic::Ordering::Relaxed);
-        assert!(flushes < 16, "64 concurrent writers shared flushes, yet {flushes} ran");
+        let flushes = store
+            .flush
+            .flushes
+            .load(std::sync::atomic::Ordering::Relaxed);
+        assert!(
+            flushes < 16,
+            "64 concurrent writers shared flushes, yet {flushes} ran"
+        );
     }
 
     #[test]
@@ -739,7 +801,11 @@ mod tests {
     #[test]
     fn migrations_run_in_order_once_and_a_newer_store_is_refused() {
         const V2: &[Migration] = &[
-            Migration { to: 1, name: "initial", apply: |_| Ok(()) },
+            Migration {
+                to: 1,
+                name: "initial",
+                apply: |_| Ok(()),
+            },
             Migration {
                 to: 2,
                 name: "add a marker",
@@ -757,14 +823,15 @@ mod tests {
             assert_eq!(store.schema_version().expect("v"), 1);
         }
         {
-            let store =
-                MetaStore::open_with(&path, &MetadataConfig::default(), V2).expect("to v2");
+            let store = MetaStore::open_with(&path, &MetadataConfig::default(), V2).expect("to v2");
             assert_eq!(store.schema_version().expect("v"), 2);
-            assert_eq!(store.get_raw(b"m\0marker").expect("get"), Some(b"2".to_vec()));
+            assert_eq!(
+                store.get_raw(b"m\0marker").expect("get"),
+                Some(b"2".to_vec())
+            );
         }
         {
-            let store =
-                MetaStore::open_with(&path, &MetadataConfig::default(), V2).expect("again");
+            let store = MetaStore::open_with(&path, &MetadataConfig::default(), V2).expect("again");
             assert_eq!(store.schema_version().expect("v"), 2);
         }
         let err = MetaStore::open(&path, &MetadataConfig::default()).expect_err("newer");
@@ -781,25 +848,4 @@ mod tests {
             .expect_err("nul");
         assert_eq!(err.kind(), ErrorKind::InvalidArgument);
     }
-}
-
-/// The metadata store as a plugin, `io.containerd.metadata.v1.sled`, opened under its root.
-pub fn registration() -> crate::registry::Registration {
-    use crate::registry::{Instance, Registration};
-    Registration::new(PluginType::METADATA, "sled", |ctx| async move {
-        let config: MetadataConfig = ctx.config()?;
-        if config.no_sync {
-            tracing::warn!(
-                "metadata no_sync is set: replies do not wait for disk flushes, so a power loss \
-                 can lose acknowledged changes; use it only on ephemeral nodes"
-            );
-        }
-        let dir = ctx.root().join("meta.sled");
-        let store = tokio::task::spawn_blocking(move || MetaStore::open(&dir, &config))
-            .await
-            .map_err(|e| Error::internal(format!("metadata open task: {e}")))??;
-        Ok(Instance::new::<MetadataKind>(std::sync::Arc::new(store)))
-    })
-    .requires(&[PluginType::EVENT])
-    .with_config::<MetadataConfig>()
 }

@@ -115,7 +115,17 @@ mod tests {
 
     #[test]
     fn invalid_names_are_invalid_argument() {
-        for name in ["", "-a", "a-", "a..b", "a b", "a/b", "ä", ".", &"x".repeat(77)] {
+        for name in [
+            "",
+            "-a",
+            "a-",
+            "a..b",
+            "a b",
+            "a/b",
+            "ä",
+            ".",
+            &"x".repeat(77),
+        ] {
             let err = Namespace::parse(name).expect_err(name);
             assert_eq!(err.kind(), ErrorKind::InvalidArgument, "{name}");
         }

@@ -338,7 +338,10 @@ impl fmt::Display for SectionNotice {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             SectionNotice::UnknownKey { section, key } => {
-                write!(f, "unknown key {key:?} in section [{section}]; it is ignored")
+                write!(
+                    f,
+                    "unknown key {key:?} in section [{section}]; it is ignored"
+                )
             }
             SectionNotice::Invalid { section, error } => write!(f, "section [{section}]: {error}"),
             SectionNotice::NotBuilt { uri } => write!(
@@ -407,12 +410,12 @@ impl Registry {
             match self.registrations.iter().find(|r| r.uri() == *uri) {
                 Some(r) => match r.config {
                     Some(spec) => match (spec.unknown_keys)(value) {
-                        Ok(keys) => notices.extend(keys.into_iter().map(|key| {
-                            SectionNotice::UnknownKey {
+                        Ok(keys) => {
+                            notices.extend(keys.into_iter().map(|key| SectionNotice::UnknownKey {
                                 section: section.clone(),
                                 key,
-                            }
-                        })),
+                            }))
+                        }
                         Err(e) => notices.push(SectionNotice::Invalid {
                             section,
                             error: e.message().to_owned(),
@@ -428,9 +431,10 @@ impl Registry {
                     }
                 },
                 None => {
-                    let known_type = PluginType::CONTAINERD_TYPES
-                        .iter()
-                        .any(|t| uri.strip_prefix(t).is_some_and(|rest| rest.starts_with('.')));
+                    let known_type = PluginType::CONTAINERD_TYPES.iter().any(|t| {
+                        uri.strip_prefix(t)
+                            .is_some_and(|rest| rest.starts_with('.'))
+                    });
                     notices.push(if known_type {
                         SectionNotice::NotBuilt { uri: uri.clone() }
                     } else {
@@ -478,8 +482,10 @@ impl Registry {
                     Mark::Done => return Ok(()),
                     Mark::Visiting => {
                         let start = self.stack.iter().position(|&s| s == i).unwrap_or(0);
-                        let mut cycle: Vec<String> =
-                            self.stack[start..].iter().map(|&s| self.regs[s].uri()).collect();
+                        let mut cycle: Vec<String> = self.stack[start..]
+                            .iter()
+                            .map(|&s| self.regs[s].uri())
+                            .collect();
                         cycle.push(self.regs[i].uri());
                         return Err(Error::invalid_argument(format!(
                             "plugin dependency cycle: {}",
@@ -678,7 +684,10 @@ impl PluginSet {
             n => Err(Error::failed_precondition(format!(
                 "{n} {} plugins are loaded where one is expected ({}); disable all but one",
                 K::TYPE,
-                all.iter().map(|(id, _)| id.as_str()).collect::<Vec<_>>().join(", ")
+                all.iter()
+                    .map(|(id, _)| id.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
             ))),
         }
     }
@@ -784,10 +793,11 @@ mod tests {
     }
 
     fn config_in(dir: &Path) -> Config {
-        let mut config = Config::default();
-        config.root = dir.join("root");
-        config.state = dir.join("state");
-        config
+        Config {
+            root: dir.join("root"),
+            state: dir.join("state"),
+            ..Config::default()
+        }
     }
 
     #[tokio::test]
@@ -810,14 +820,20 @@ mod tests {
         reg.register(greeter("b")).expect("register");
         assert_eq!(
             reg.init_order().expect("order"),
-            ["test.greeter.v1.a", "test.greeter.v1.b", "test.user.v1.user"]
+            [
+                "test.greeter.v1.a",
+                "test.greeter.v1.b",
+                "test.user.v1.user"
+            ]
         );
         let set = reg.init(&config_in(dir.path())).await.expect("init");
         assert!(set.infos().iter().all(|i| i.status == PluginStatus::Ready));
         // A kind whose type does not match finds nothing rather than a wrong object.
         assert!(set.get::<GreeterKind>("user").is_err());
         assert_eq!(
-            set.single::<GreeterKind>().map(|_| ()).map_err(|e| e.kind()),
+            set.single::<GreeterKind>()
+                .map(|_| ())
+                .map_err(|e| e.kind()),
             Err(ErrorKind::FailedPrecondition)
         );
     }
@@ -855,7 +871,8 @@ mod tests {
         reg.register(Registration::new(USER, "last", noop).requires_everything())
             .expect("register");
         reg.register(greeter("a")).expect("register");
-        reg.register(Registration::new(OTHER, "o", noop)).expect("register");
+        reg.register(Registration::new(OTHER, "o", noop))
+            .expect("register");
         assert_eq!(
             reg.init_order().expect("order"),
             ["test.greeter.v1.a", "test.other.v1.o", "test.user.v1.last"]
@@ -895,20 +912,35 @@ mod tests {
             by_uri("test.user.v1.skipper"),
             PluginStatus::Skipped("erofs is not in /proc/filesystems".into())
         );
-        assert!(matches!(by_uri("test.other.v1.broken"), PluginStatus::Failed(_)));
+        assert!(matches!(
+            by_uri("test.other.v1.broken"),
+            PluginStatus::Failed(_)
+        ));
 
         let mut config = config_in(dir.path());
         config.required_plugins = vec!["test.other.v1.broken".into()];
-        let err = build().init(&config).await.err().expect("required failure aborts");
+        let err = build()
+            .init(&config)
+            .await
+            .err()
+            .expect("required failure aborts");
         assert!(err.to_string().contains("disk on fire"), "{err}");
         assert!(err.to_string().contains("test.other.v1.broken"), "{err}");
 
         config.required_plugins = vec!["test.user.v1.skipper".into()];
-        let err = build().init(&config).await.err().expect("required skip aborts");
+        let err = build()
+            .init(&config)
+            .await
+            .err()
+            .expect("required skip aborts");
         assert!(err.to_string().contains("erofs"), "{err}");
 
         config.required_plugins = vec!["test.greeter.v1.nope".into()];
-        let err = build().init(&config).await.err().expect("missing required aborts");
+        let err = build()
+            .init(&config)
+            .await
+            .err()
+            .expect("missing required aborts");
         assert!(err.to_string().contains("test.greeter.v1.nope"), "{err}");
     }
 
@@ -942,7 +974,13 @@ mod tests {
         reg.register(
             Registration::new(USER, "knobby", |ctx| async move {
                 let knobs: Knobs = ctx.config()?;
-                assert_eq!(knobs, Knobs { depth: 3, name: String::new() });
+                assert_eq!(
+                    knobs,
+                    Knobs {
+                        depth: 3,
+                        name: String::new()
+                    }
+                );
                 assert!(ctx.root().ends_with("root/test.user.v1.knobby"));
                 Ok(Instance::new::<GreeterKind>(Arc::new(Hello("k".into()))))
             })
@@ -952,12 +990,14 @@ mod tests {
         let mut config = config_in(dir.path());
         let section: toml::Value = toml::from_str("depth = 3\ncolour = 'red'").expect("toml");
         config.plugins.insert("test.user.v1.knobby".into(), section);
-        config
-            .plugins
-            .insert("io.containerd.cri.v1.runtime".into(), toml::Value::Table(Default::default()));
-        config
-            .plugins
-            .insert("io.containerd.snaphotter.v1.typo".into(), toml::Value::Table(Default::default()));
+        config.plugins.insert(
+            "io.containerd.cri.v1.runtime".into(),
+            toml::Value::Table(Default::default()),
+        );
+        config.plugins.insert(
+            "io.containerd.snaphotter.v1.typo".into(),
+            toml::Value::Table(Default::default()),
+        );
         let notices = reg.check_sections(&config.plugins);
         assert!(notices.contains(&SectionNotice::UnknownKey {
             section: "plugins.\"test.user.v1.knobby\"".into(),
@@ -970,7 +1010,10 @@ mod tests {
             uri: "io.containerd.snaphotter.v1.typo".into()
         }));
         let defaults = reg.default_configs().expect("defaults");
-        assert_eq!(defaults["test.user.v1.knobby"]["depth"].as_integer(), Some(0));
+        assert_eq!(
+            defaults["test.user.v1.knobby"]["depth"].as_integer(),
+            Some(0)
+        );
         let set = reg.init(&config).await.expect("init");
         assert_eq!(set.infos()[0].status, PluginStatus::Ready);
     }

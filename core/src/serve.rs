@@ -256,14 +256,24 @@ mod tests {
     #[tokio::test]
     async fn shutdown_before_serving_returns_closed_at_once() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let listener = bind(&dir.path().join("s.sock"), 0o660, nix::unistd::getuid().as_raw(), nix::unistd::getgid().as_raw())
-            .await
-            .expect("bind");
+        let listener = bind(
+            &dir.path().join("s.sock"),
+            0o660,
+            nix::unistd::getuid().as_raw(),
+            nix::unistd::getgid().as_raw(),
+        )
+        .await
+        .expect("bind");
         let shutdown = Shutdown::new();
         shutdown.trigger();
         let result = tokio::time::timeout(
             Duration::from_secs(2),
-            serve(tonic::service::Routes::default(), listener, shutdown, ServeOptions::default()),
+            serve(
+                tonic::service::Routes::default(),
+                listener,
+                shutdown,
+                ServeOptions::default(),
+            ),
         )
         .await
         .expect("returns promptly");
@@ -274,9 +284,14 @@ mod tests {
     async fn shutdown_racing_serve_start_never_hangs() {
         for delay_us in [0u64, 10, 100, 1000, 5000] {
             let dir = tempfile::tempdir().expect("tempdir");
-            let listener = bind(&dir.path().join("s.sock"), 0o660, nix::unistd::getuid().as_raw(), nix::unistd::getgid().as_raw())
-                .await
-                .expect("bind");
+            let listener = bind(
+                &dir.path().join("s.sock"),
+                0o660,
+                nix::unistd::getuid().as_raw(),
+                nix::unistd::getgid().as_raw(),
+            )
+            .await
+            .expect("bind");
             let shutdown = Shutdown::new();
             let server = tokio::spawn(serve(
                 tonic::service::Routes::default(),
