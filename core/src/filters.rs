@@ -8,7 +8,8 @@
 //! field    := [A-Za-z0-9_]+ | quoted
 //! op       := '==' | '!=' | '~='           ('~=' is a regular expression match)
 //! value    := quoted | run of characters other than ',' and white space
-//! quoted   := '"' ... '"' with backslash escapes, or '/' ... '/' for regular expressions
+//! quoted   := '"' ... '"' with backslash escapes, or '/' ... '/' and '|' ... '|' (handy for
+//!             regular expressions: other escapes are kept for the regex engine)
 //! ```
 //!
 //! For example `topic=="/content/create"` or `labels."containerd.io/gc.root",name~=^busy`.
@@ -187,7 +188,7 @@ impl<'a> Parser<'a> {
     fn value(&mut self) -> Result<String> {
         self.skip_space();
         match self.peek() {
-            Some(q @ ('"' | '/')) => self.quoted(q),
+            Some(q @ ('"' | '/' | '|')) => self.quoted(q),
             _ => {
                 let len = self
                     .rest()
@@ -220,7 +221,7 @@ impl<'a> Parser<'a> {
                     'n' => out.push('\n'),
                     't' => out.push('\t'),
                     // In a regular expression, keep the escape for the regex engine.
-                    e if quote == '/' && e != '/' => {
+                    e if quote != '"' && e != quote => {
                         out.push('\\');
                         out.push(e);
                     }
@@ -278,6 +279,7 @@ mod tests {
         assert!(!check(&["name!=busybox"]));
         assert!(check(&["name~=^busy"]));
         assert!(check(&["name~=/b.s+ybox/"]));
+        assert!(check(&["name~=|^busy|"]));
         assert!(check(&["labels.env"]));
         assert!(!check(&["labels.missing"]));
         assert!(!check(&["labels.missing!=x"]), "!= needs the field present");

@@ -265,7 +265,7 @@ mod tests {
         assert!(filter("type==io.containerd.snapshotter.v1"));
         assert!(filter("id==native,capabilities==rebase"));
         assert!(filter("platforms==linux/arm64/v8"));
-        assert!(filter("exports.root==/r"));
+        assert!(filter("exports.root==\"/r\""));
         assert!(!filter("type==io.containerd.grpc.v1"));
     }
 
