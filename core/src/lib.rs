@@ -2,6 +2,7 @@
 //!
 //! - [`registry`]: plugin registrations, dependency order, init outcomes and typed lookups;
 //! - [`config`]: the TOML configuration (containerd's keys), its migrations and warnings;
+//! - [`content`]: the content store plugin kind (digests, ingests, the trait);
 //! - [`error`]: the one error vocabulary and its one mapping to and from gRPC status codes;
 //! - [`metadata`]: namespaced records in sled, with a schema version and group-committed flushes;
 //! - [`events`]: the in-process event exchange;
@@ -11,6 +12,7 @@
 //! Storage, snapshots, images, tasks and the gRPC services are plugins outside this crate.
 
 pub mod config;
+pub mod content;
 pub mod error;
 pub mod events;
 pub mod filters;

@@ -1,0 +1,1 @@
+//! Local content store (being written).
