@@ -1,0 +1,472 @@
+//! `berth-bench`: runs the same work against berthd and Debian's containerd on the same machine,
+//! alternating the daemons run by run, and writes medians and ratios to `bench/REPORT.md`.
+//!
+//! It builds nothing: run `cargo build --release -p berthd` first (or set `$BERTHD`).
+//!
+//! Adding a workload: implement [`Workload`] (its metrics with their targets, and one run against
+//! one daemon kind) and list it in [`workloads`].
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::path::PathBuf;
+use std::thread;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use anyhow::{Context, Result, bail};
+use berth_integration::{Daemon, Kind, Options, Profile, block_on_global};
+use clap::Parser;
+
+/// Benchmarks berthd against Debian's containerd and writes bench/REPORT.md.
+#[derive(Debug, Parser)]
+#[command(name = "berth-bench")]
+struct Args {
+    /// Measured runs per daemon (the daemons alternate run by run).
+    #[arg(long, default_value_t = 10)]
+    runs: usize,
+    /// Unmeasured warm-up runs per daemon before the measured ones.
+    #[arg(long, default_value_t = 1)]
+    warmup: usize,
+    /// Seconds a freshly started daemon idles before its RSS is read.
+    #[arg(long, default_value_t = 2.0)]
+    idle_secs: f64,
+    /// Where to write the report.
+    #[arg(long, default_value_os_t = default_report())]
+    output: PathBuf,
+    /// Run only the workloads with these names (default: all).
+    #[arg(long = "workload")]
+    workloads: Vec<String>,
+    /// Print the workloads and exit.
+    #[arg(long)]
+    list: bool,
+}
+
+fn default_report() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("REPORT.md")
+}
+
+/// Whether smaller or larger values are better.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Better {
+    /// Times, memory.
+    Lower,
+    /// Throughput.
+    Higher,
+}
+
+/// A named measurement a workload produces, with berth's target relative to containerd.
+#[derive(Debug, Clone)]
+pub struct Metric {
+    /// Short name, unique across workloads.
+    pub name: &'static str,
+    /// Unit of the values (`ms`, `MiB`, ...).
+    pub unit: &'static str,
+    /// Target for berthd/containerd: at most this ratio (for [`Better::Lower`]) or at least
+    /// (for [`Better::Higher`]).
+    pub target_ratio: Option<f64>,
+    /// Direction.
+    pub better: Better,
+    /// How it is measured, for the report.
+    pub method: &'static str,
+}
+
+/// Settings every workload sees.
+#[derive(Debug, Clone)]
+pub struct Ctx {
+    /// Idle time before the RSS reading.
+    pub idle: Duration,
+}
+
+/// One kind of work measured against both daemons.
+pub trait Workload {
+    /// Name shown in the report and used by `--workload`.
+    fn name(&self) -> &'static str;
+    /// What it measures.
+    fn metrics(&self) -> Vec<Metric>;
+    /// One run against a daemon of `kind`: a value for each metric, by name.
+    fn run(&self, kind: Kind, ctx: &Ctx) -> Result<BTreeMap<&'static str, f64>>;
+}
+
+/// Start-up time and idle memory of a freshly started daemon on a private root.
+struct StartupIdle;
+
+impl Workload for StartupIdle {
+    fn name(&self) -> &'static str {
+        "startup-idle"
+    }
+
+    fn metrics(&self) -> Vec<Metric> {
+        vec![
+            Metric {
+                name: "start-up",
+                unit: "ms",
+                target_ratio: Some(0.5),
+                better: Better::Lower,
+                method: "process spawn until the first Version RPC reply on its socket. The \
+                         harness polls every 5 ms with a plain connect() on the unix socket and, \
+                         once that succeeds, a tonic connect + containerd.services.version.v1 \
+                         Version call (what `ctr version` does first, without ctr's own \
+                         start-up). Fresh private root, state and socket each run.",
+            },
+            Metric {
+                name: "idle RSS",
+                unit: "MiB",
+                target_ratio: Some(1.0 / 3.0),
+                better: Better::Lower,
+                method: "VmRSS from /proc/<pid>/status after start-up and the idle time \
+                         (--idle-secs). For containerd only the containerd process counts (no \
+                         shims run).",
+            },
+        ]
+    }
+
+    fn run(&self, kind: Kind, ctx: &Ctx) -> Result<BTreeMap<&'static str, f64>> {
+        let d = Daemon::launch(
+            kind,
+            Options {
+                profile: Profile::Release,
+                poll_interval: Duration::from_millis(5),
+                ..Options::default()
+            },
+        )?;
+        let startup = d
+            .startup_time()
+            .context("the harness did not record the start-up time")?;
+        thread::sleep(ctx.idle);
+        let rss = d.rss_kib()?;
+        Ok(BTreeMap::from([
+            ("start-up", startup.as_secs_f64() * 1000.0),
+            ("idle RSS", rss as f64 / 1024.0),
+        ]))
+    }
+}
+
+/// Every workload, in report order. Later issues append theirs here.
+fn workloads() -> Vec<Box<dyn Workload>> {
+    vec![Box::new(StartupIdle)]
+}
+
+/// Samples of one metric for one daemon.
+#[derive(Debug, Default, Clone)]
+struct Samples(Vec<f64>);
+
+impl Samples {
+    fn sorted(&self) -> Vec<f64> {
+        let mut v = self.0.clone();
+        v.sort_by(|a, b| a.total_cmp(b));
+        v
+    }
+    fn median(&self) -> f64 {
+        let v = self.sorted();
+        match v.len() {
+            0 => f64::NAN,
+            n if n % 2 == 1 => v[n / 2],
+            n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
+        }
+    }
+    fn min(&self) -> f64 {
+        self.sorted().first().copied().unwrap_or(f64::NAN)
+    }
+    fn max(&self) -> f64 {
+        self.sorted().last().copied().unwrap_or(f64::NAN)
+    }
+}
+
+fn main() {
+    let args = Args::parse();
+    if let Err(e) = run(&args) {
+        eprintln!("berth-bench: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn run(args: &Args) -> Result<()> {
+    let all = workloads();
+    if args.list {
+        for w in &all {
+            let names: Vec<&str> = w.metrics().iter().map(|m| m.name).collect();
+            println!("{}: {}", w.name(), names.join(", "));
+        }
+        return Ok(());
+    }
+    for name in &args.workloads {
+        if !all.iter().any(|w| w.name() == name) {
+            bail!("unknown workload {name:?} (see --list)");
+        }
+    }
+    if args.runs == 0 {
+        bail!("--runs must be at least 1");
+    }
+    let selected: Vec<&dyn Workload> = all
+        .iter()
+        .map(|w| w.as_ref())
+        .filter(|w| args.workloads.is_empty() || args.workloads.iter().any(|n| n == w.name()))
+        .collect();
+
+    let berthd = berth_integration::berthd_binary(Profile::Release).context(
+        "berth-bench measures the release build: run `cargo build --release -p berthd` first",
+    )?;
+    let containerd = berth_integration::containerd_binary()?;
+    // Start the harness runtime now so its set-up is not part of the first measurement.
+    block_on_global(async {});
+
+    let ctx = Ctx {
+        idle: Duration::from_secs_f64(args.idle_secs),
+    };
+    let versions = daemon_versions();
+
+    // results[metric][kind]
+    let mut results: BTreeMap<&'static str, BTreeMap<Kind, Samples>> = BTreeMap::new();
+    for w in &selected {
+        for i in 0..args.warmup + args.runs {
+            let measured = i >= args.warmup;
+            // Alternate which daemon goes first, so neither always runs on a warmer machine.
+            let order = if i % 2 == 0 {
+                [Kind::Containerd, Kind::Berthd]
+            } else {
+                [Kind::Berthd, Kind::Containerd]
+            };
+            for kind in order {
+                let values = w
+                    .run(kind, &ctx)
+                    .with_context(|| format!("{} against {kind}", w.name()))?;
+                let label = if measured {
+                    format!("run {}/{}", i - args.warmup + 1, args.runs)
+                } else {
+                    "warm-up".to_string()
+                };
+                let shown: Vec<String> =
+                    values.iter().map(|(k, v)| format!("{k} {v:.2}")).collect();
+                eprintln!("{} {label} {kind}: {}", w.name(), shown.join(", "));
+                if measured {
+                    for (metric, v) in values {
+                        results
+                            .entry(metric)
+                            .or_default()
+                            .entry(kind)
+                            .or_default()
+                            .0
+                            .push(v);
+                    }
+                }
+            }
+        }
+    }
+
+    let report = render(args, &selected, &results, &berthd, &containerd, &versions);
+    print!("{report}");
+    std::fs::write(&args.output, &report)
+        .with_context(|| format!("writing {}", args.output.display()))?;
+    eprintln!("wrote {}", args.output.display());
+    Ok(())
+}
+
+/// `(berthd version, containerd version)` from a Version RPC against one short-lived instance
+/// of each.
+fn daemon_versions() -> BTreeMap<Kind, String> {
+    let mut v = BTreeMap::new();
+    for kind in Kind::ALL {
+        let text = Daemon::launch(
+            kind,
+            Options {
+                profile: Profile::Release,
+                ..Options::default()
+            },
+        )
+        .and_then(|d| {
+            let socket = d.socket().to_path_buf();
+            block_on_global(async move {
+                berth_integration::version_with_timeout(&socket, Duration::from_secs(5)).await
+            })
+        })
+        .map(|r| format!("{} ({})", r.version, r.revision))
+        .unwrap_or_else(|e| format!("unknown: {e:#}"));
+        v.insert(kind, text);
+    }
+    v
+}
+
+fn render(
+    args: &Args,
+    selected: &[&dyn Workload],
+    results: &BTreeMap<&'static str, BTreeMap<Kind, Samples>>,
+    berthd: &std::path::Path,
+    containerd: &std::path::Path,
+    versions: &BTreeMap<Kind, String>,
+) -> String {
+    let mut s = String::new();
+    let _ = writeln!(s, "# berth benchmark report\n");
+    let _ = writeln!(s, "- Date: {}", utc_now());
+    let _ = writeln!(s, "- Machine: {}", machine());
+    let env: String = ["BERTHD", "CONTAINERD", "CARGO_TARGET_DIR"]
+        .iter()
+        .filter_map(|k| std::env::var(k).ok().map(|v| format!("{k}={v} ")))
+        .collect();
+    let argv: Vec<String> = std::env::args().collect();
+    let extra = if argv.len() > 1 {
+        format!(" -- {}", argv[1..].join(" "))
+    } else {
+        String::new()
+    };
+    let _ = writeln!(
+        s,
+        "- Command: `{env}{}` (from the workspace: `cargo build --release -p berthd && {env}cargo run --release -p berth-bench{extra}`)",
+        argv.join(" "),
+    );
+    let _ = writeln!(
+        s,
+        "- berthd: `{}`, {}",
+        berthd.display(),
+        versions
+            .get(&Kind::Berthd)
+            .map(String::as_str)
+            .unwrap_or("?")
+    );
+    let _ = writeln!(
+        s,
+        "- containerd: `{}`, {}",
+        containerd.display(),
+        versions
+            .get(&Kind::Containerd)
+            .map(String::as_str)
+            .unwrap_or("?")
+    );
+    let _ = writeln!(
+        s,
+        "- Runs: {} measured per daemon after {} warm-up, alternating the daemons run by run; idle time {} s\n",
+        args.runs, args.warmup, args.idle_secs
+    );
+
+    let _ = writeln!(
+        s,
+        "| workload | metric | berthd median (min–max) | containerd median (min–max) | berthd/containerd | target | met |"
+    );
+    let _ = writeln!(s, "|---|---|---|---|---|---|---|");
+    for w in selected {
+        for m in w.metrics() {
+            let Some(by_kind) = results.get(m.name) else {
+                continue;
+            };
+            let b = by_kind.get(&Kind::Berthd).cloned().unwrap_or_default();
+            let c = by_kind.get(&Kind::Containerd).cloned().unwrap_or_default();
+            let ratio = b.median() / c.median();
+            let (target, met) = match m.target_ratio {
+                Some(t) => {
+                    let ok = match m.better {
+                        Better::Lower => ratio <= t,
+                        Better::Higher => ratio >= t,
+                    };
+                    let op = match m.better {
+                        Better::Lower => "≤",
+                        Better::Higher => "≥",
+                    };
+                    (
+                        format!("{op} {t:.2}x"),
+                        if ok { "met" } else { "not met" }.to_string(),
+                    )
+                }
+                None => ("—".to_string(), "—".to_string()),
+            };
+            let _ = writeln!(
+                s,
+                "| {} | {} ({}) | {:.2} ({:.2}–{:.2}) | {:.2} ({:.2}–{:.2}) | {:.2}x | {} | {} |",
+                w.name(),
+                m.name,
+                m.unit,
+                b.median(),
+                b.min(),
+                b.max(),
+                c.median(),
+                c.min(),
+                c.max(),
+                ratio,
+                target,
+                met
+            );
+        }
+    }
+    let _ = writeln!(s, "\n## Methods\n");
+    for w in selected {
+        for m in w.metrics() {
+            let _ = writeln!(s, "- **{} / {}**: {}", w.name(), m.name, m.method);
+        }
+    }
+    let _ = writeln!(
+        s,
+        "\nEach run starts the daemon on a fresh private root, state and socket under /tmp (Debian's containerd with config version 2 and the CRI plugin disabled) and stops it with SIGTERM afterwards. Timings are reported here only; they are never part of pass/fail tests."
+    );
+    s
+}
+
+fn machine() -> String {
+    let nproc = thread::available_parallelism()
+        .map(|n| n.get().to_string())
+        .unwrap_or_else(|_| "?".into());
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_else(|_| "?".into());
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|c| {
+            c.lines()
+                .find_map(|l| l.strip_prefix("model name"))
+                .map(|v| v.trim_start_matches([' ', '\t', ':']).to_string())
+        })
+        .unwrap_or_else(|| "?".into());
+    let mem = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| {
+            m.lines()
+                .find_map(|l| l.strip_prefix("MemTotal:"))
+                .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
+        })
+        .map(|kib| format!("{:.1} GiB RAM", kib as f64 / 1024.0 / 1024.0))
+        .unwrap_or_else(|| "? RAM".into());
+    format!("nproc {nproc}, Linux {kernel}, {cpu}, {mem}")
+}
+
+/// The current UTC time as `YYYY-MM-DD HH:MM:SS UTC`.
+fn utc_now() -> String {
+    let secs = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    let days = (secs / 86_400) as i64;
+    let rem = secs % 86_400;
+    // Howard Hinnant's civil_from_days.
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!(
+        "{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02} UTC",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn medians() {
+        assert_eq!(Samples(vec![3.0, 1.0, 2.0]).median(), 2.0);
+        assert_eq!(Samples(vec![4.0, 1.0, 2.0, 3.0]).median(), 2.5);
+        assert_eq!(Samples(vec![4.0, 1.0]).min(), 1.0);
+        assert_eq!(Samples(vec![4.0, 1.0]).max(), 4.0);
+        assert!(Samples(vec![]).median().is_nan());
+    }
+
+    #[test]
+    fn date_format() {
+        let s = utc_now();
+        assert_eq!(s.len(), "2026-01-01 00:00:00 UTC".len(), "{s}");
+        assert!(s.starts_with("20"), "{s}");
+    }
+}

@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Installs the Debian packages berth builds and tests with (idempotent; needs root).
+#   protobuf-compiler  protoc for proto/ code generation
+#   containerd         ctr (the compatibility client) and containerd (the reference daemon)
+#   runc               the OCI runtime
+set -euo pipefail
+packages=(protobuf-compiler containerd runc)
+missing=()
+for p in "${packages[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "installing: ${missing[*]}"
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}"
+fi
+command -v cargo >/dev/null || {
+  echo "cargo is missing: berth needs a Rust toolchain (rustup, Rust 1.95) on PATH" >&2
+  exit 1
+}

@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Runs every check and every test, unit and integration: the one command CI runs.
+# Needs root (integration tests start daemons, and later mount file systems).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/install-deps.sh
+
+cleanup() {
+  # Daemons the integration harness started and did not stop (a crashed test).
+  pkill -TERM -f '/tmp/berth-it' 2>/dev/null || true
+  sleep 0.5
+  pkill -KILL -f '/tmp/berth-it' 2>/dev/null || true
+  # Mounts left below the harness's directories.
+  grep -o ' /tmp/berth-it[^ ]*' /proc/self/mounts 2>/dev/null | sort -r | while read -r m; do
+    umount -l "$m" 2>/dev/null || true
+  done
+}
+trap cleanup EXIT
+
+echo "== cargo fmt --check"
+cargo fmt --all -- --check
+echo "== cargo clippy"
+cargo clippy --workspace --all-targets -- -D warnings
+echo "== cargo deny (bans, licenses, sources)"
+if ! command -v cargo-deny >/dev/null; then
+  cargo install --locked cargo-deny
+fi
+cargo deny --offline check bans licenses sources
+echo "== build (the integration tests drive target/debug/berthd)"
+cargo build --workspace --bins
+echo "== tests"
+cargo test --workspace --no-fail-fast
