@@ -90,7 +90,10 @@ impl Digest {
                 algorithm.hex_len()
             )));
         }
-        if !hex.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)) {
+        if !hex
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+        {
             return Err(invalid("must be lowercase hex"));
         }
         Ok(Digest {

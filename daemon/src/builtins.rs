@@ -8,6 +8,7 @@ pub fn registry() -> Result<Registry> {
     let mut registry = Registry::new();
     registry.register(berth_core::events::registration())?;
     registry.register(berth_core::metadata::registration())?;
+    registry.register(berth_core::metadata::scheduler::registration())?;
     for registration in berth_services::registrations() {
         registry.register(registration)?;
     }

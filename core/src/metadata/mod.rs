@@ -36,6 +36,15 @@ use std::sync::{Mutex, MutexGuard, PoisonError};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
+mod content;
+mod db;
+pub mod gc;
+pub mod leases;
+pub mod scheduler;
+
+pub use content::INGEST_EXPIRY;
+pub use db::{GcTrigger, Metadata, Mutation, MutationHook};
+
 use crate::error::{Error, Result};
 use crate::labels::{self, Labels};
 use crate::namespace::Namespace;
@@ -85,7 +94,8 @@ pub enum ObjectKind {
 }
 
 impl ObjectKind {
-    fn encode(&self) -> String {
+    /// The kind's name in keys and lease resources (`content`, `snapshots/<name>`, ...).
+    pub fn encode(&self) -> String {
         match self {
             ObjectKind::Images => "images".into(),
             ObjectKind::Containers => "containers".into(),
@@ -164,7 +174,7 @@ pub struct MetadataConfig {
 pub struct MetadataKind;
 impl PluginKind for MetadataKind {
     const TYPE: PluginType = PluginType::METADATA;
-    type Object = MetaStore;
+    type Object = Metadata;
 }
 
 /// The metadata store.
@@ -307,6 +317,11 @@ impl MetaStore {
             self.flush.wait(&self.db, seq).await?;
         }
         Ok(out)
+    }
+
+    /// A number never handed out before by this store (monotonic across restarts).
+    pub fn next_id(&self) -> Result<u64> {
+        Ok(self.db.generate_id()?)
     }
 
     /// Reads one record.
@@ -489,6 +504,17 @@ impl WriteTxn<'_> {
         Ok(merged.into_iter().collect())
     }
 
+    /// One object record as this write sees it, decoded.
+    pub fn get_object<T: DeserializeOwned>(
+        &self,
+        ns: &Namespace,
+        kind: &ObjectKind,
+        id: &str,
+    ) -> Result<Option<T>> {
+        let key = object_key(ns, kind, id)?;
+        self.get(&key)?.map(|v| decode(&key, &v)).transpose()
+    }
+
     /// Sets an object record, creating its namespace if needed.
     pub fn put_object<T: Serialize>(
         &mut self,
@@ -594,8 +620,11 @@ impl GroupFlush {
     }
 }
 
-/// The metadata store as a plugin, `io.containerd.metadata.v1.sled`, opened under its root.
+/// The metadata layer as a plugin, `io.containerd.metadata.v1.sled`: opens the store under
+/// its root and wraps the content backend (when a content plugin is loaded).
 pub fn registration() -> crate::registry::Registration {
+    use crate::content::ContentKind;
+    use crate::events::EventsKind;
     use crate::registry::{Instance, Registration};
     Registration::new(PluginType::METADATA, "sled", |ctx| async move {
         let config: MetadataConfig = ctx.config()?;
@@ -605,13 +634,31 @@ pub fn registration() -> crate::registry::Registration {
                  can lose acknowledged changes; use it only on ephemeral nodes"
             );
         }
+        let events = ctx.single::<EventsKind>()?;
+        let mut content = ctx.all::<ContentKind>();
+        if content.len() > 1 {
+            let ids: Vec<String> = content.into_iter().map(|(id, _)| id).collect();
+            return Err(Error::failed_precondition(format!(
+                "{} content stores are loaded ({}): disable all but one",
+                ids.len(),
+                ids.join(", ")
+            ))
+            .into());
+        }
+        let content = content.pop().map(|(_, store)| store);
         let dir = ctx.root().join("meta.sled");
-        let store = tokio::task::spawn_blocking(move || MetaStore::open(&dir, &config))
+        let open_config = config.clone();
+        let store = tokio::task::spawn_blocking(move || MetaStore::open(&dir, &open_config))
             .await
             .map_err(|e| Error::internal(format!("metadata open task: {e}")))??;
-        Ok(Instance::new::<MetadataKind>(std::sync::Arc::new(store)))
+        Ok(Instance::new::<MetadataKind>(Metadata::new(
+            std::sync::Arc::new(store),
+            events,
+            content,
+            config,
+        )))
     })
-    .requires(&[PluginType::EVENT])
+    .requires(&[PluginType::EVENT, PluginType::CONTENT])
     .with_config::<MetadataConfig>()
 }
 

@@ -215,10 +215,10 @@ impl GrpcService for NamespacesService {
 /// `io.containerd.grpc.v1.namespaces`.
 pub fn registration() -> Registration {
     Registration::new(PluginType::GRPC, "namespaces", |ctx| async move {
-        let store = ctx.single::<MetadataKind>()?;
+        let metadata = ctx.single::<MetadataKind>()?;
         let events = ctx.single::<EventsKind>()?;
         Ok(Instance::new::<GrpcServiceKind>(Arc::new(
-            NamespacesService::new(store, events),
+            NamespacesService::new(Arc::clone(metadata.store()), events),
         )))
     })
     .requires(&[PluginType::METADATA, PluginType::EVENT])

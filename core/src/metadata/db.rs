@@ -1,0 +1,151 @@
+//! [`Metadata`]: the resource graph over the raw store, with the backends it wraps.
+//!
+//! Plugins only store bytes; whether a blob or snapshot is alive is decided here. The
+//! metadata object holds the backends (today the content store), wraps each in a namespaced
+//! store that records labels, leases and events, tells the GC scheduler about mutations, and
+//! runs garbage collection (see [`super::gc`]).
+
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::SystemTime;
+
+use crate::content::{CallContext, ContentStore};
+use crate::error::{Error, Result};
+use crate::events::{Envelope, Exchange};
+use crate::metadata::{MetaStore, MetadataConfig};
+
+/// What a change did, for the GC scheduler's thresholds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mutation {
+    /// Something was created or changed (labels may have dropped references).
+    Change,
+    /// Something was deleted: garbage may now exist.
+    Deletion,
+}
+
+/// Receives mutations (the GC scheduler).
+pub type MutationHook = Arc<dyn Fn(Mutation) + Send + Sync>;
+
+/// Runs a collection and waits for it (the GC scheduler's `ScheduleAndWait`).
+#[async_trait::async_trait]
+pub trait GcTrigger: Send + Sync {
+    /// Schedules a collection now and returns once it finished.
+    async fn schedule_and_wait(&self) -> Result<()>;
+}
+
+/// The metadata layer.
+pub struct Metadata {
+    pub(crate) store: Arc<MetaStore>,
+    pub(crate) events: Arc<Exchange>,
+    pub(crate) content_backend: Option<Arc<dyn ContentStore>>,
+    pub(crate) config: MetadataConfig,
+    /// Held shared by content commits (from the backend commit until the record exists) and
+    /// exclusively by the backend sweep, so a just-committed blob is never swept.
+    pub(crate) gc_lock: tokio::sync::RwLock<()>,
+    hook: Mutex<Option<MutationHook>>,
+    trigger: Mutex<Option<Arc<dyn GcTrigger>>>,
+}
+
+impl std::fmt::Debug for Metadata {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Metadata")
+            .field("store", &self.store)
+            .field("content", &self.content_backend.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Metadata {
+    /// The metadata layer over `store`, wrapping `content_backend` if there is one.
+    pub fn new(
+        store: Arc<MetaStore>,
+        events: Arc<Exchange>,
+        content_backend: Option<Arc<dyn ContentStore>>,
+        config: MetadataConfig,
+    ) -> Arc<Metadata> {
+        Arc::new(Metadata {
+            store,
+            events,
+            content_backend,
+            config,
+            gc_lock: tokio::sync::RwLock::new(()),
+            hook: Mutex::new(None),
+            trigger: Mutex::new(None),
+        })
+    }
+
+    /// The raw record store.
+    pub fn store(&self) -> &Arc<MetaStore> {
+        &self.store
+    }
+
+    /// The event exchange this layer publishes to.
+    pub fn events(&self) -> &Arc<Exchange> {
+        &self.events
+    }
+
+    /// The namespaced content store (None when no content plugin is loaded).
+    pub fn content(self: &Arc<Self>) -> Option<Arc<dyn ContentStore>> {
+        self.content_backend.as_ref()?;
+        Some(Arc::new(super::content::MetaContent::new(Arc::clone(self))))
+    }
+
+    /// Installs the receiver of mutations (the GC scheduler).
+    pub fn set_mutation_hook(&self, hook: MutationHook) {
+        *self.hook.lock().unwrap_or_else(PoisonError::into_inner) = Some(hook);
+    }
+
+    /// Installs what `sync` deletes wait on (the GC scheduler).
+    pub fn set_gc_trigger(&self, trigger: Arc<dyn GcTrigger>) {
+        *self.trigger.lock().unwrap_or_else(PoisonError::into_inner) = Some(trigger);
+    }
+
+    pub(crate) fn mutated(&self, mutation: Mutation) {
+        let hook = self
+            .hook
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone();
+        if let Some(hook) = hook {
+            hook(mutation);
+        }
+    }
+
+    /// Collects garbage now and waits for it: through the scheduler when one is installed
+    /// (so collections never overlap), directly otherwise.
+    pub async fn schedule_and_wait(&self) -> Result<()> {
+        let trigger = self
+            .trigger
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone();
+        match trigger {
+            Some(t) => t.schedule_and_wait().await,
+            None => self.collect_garbage().await.map(|_| ()),
+        }
+    }
+
+    /// Publishes an event in `namespace`; a failure is logged, never returned, because the
+    /// change it reports has already happened.
+    pub(crate) fn publish<M: prost::Name>(&self, namespace: &str, topic: &str, event: &M) {
+        let envelope = Envelope {
+            timestamp: SystemTime::now(),
+            namespace: namespace.to_owned(),
+            topic: topic.to_owned(),
+            type_url: M::full_name(),
+            value: event.encode_to_vec(),
+        };
+        if let Err(e) = self.events.publish(envelope) {
+            tracing::warn!(%topic, error = %e, "cannot publish event");
+        }
+    }
+}
+
+/// The namespace of a call that must have one, for stores that need it.
+pub(crate) fn namespace_of(cx: &CallContext) -> Result<crate::namespace::Namespace> {
+    cx.require_namespace().cloned()
+}
+
+/// An error for a lease named in a call that does not exist.
+pub(crate) fn lease_missing(lease: &str) -> Error {
+    Error::not_found(format!("lease {lease:?} does not exist"))
+}
