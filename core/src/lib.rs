@@ -21,5 +21,6 @@ pub mod metadata;
 pub mod namespace;
 pub mod registry;
 pub mod serve;
+pub mod testing;
 
 pub use error::{Error, ErrorKind, Result};

@@ -41,6 +41,8 @@ mod db;
 pub mod gc;
 pub mod leases;
 pub mod scheduler;
+#[cfg(test)]
+mod tests_layer;
 
 pub use content::INGEST_EXPIRY;
 pub use db::{GcTrigger, Metadata, Mutation, MutationHook};

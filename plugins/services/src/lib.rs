@@ -3,6 +3,7 @@
 
 pub mod health;
 pub mod introspection;
+pub mod leases;
 pub mod namespaces;
 pub mod version;
 
@@ -19,6 +20,7 @@ pub fn registrations() -> Vec<Registration> {
         version::registration(),
         introspection::registration(),
         namespaces::registration(),
+        leases::registration(),
         health::registration(),
     ]
 }

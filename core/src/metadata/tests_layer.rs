@@ -1,0 +1,497 @@
+//! Tests of the metadata layer over a content backend: namespacing, leases, events and GC.
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use prost::Message;
+use tokio_stream::StreamExt;
+
+use crate::content::{CallContext, ContentStore, Digest, WriterRequest};
+use crate::error::{Classify, ErrorKind};
+use crate::events::{Exchange, Received};
+use crate::filters::Filter;
+use crate::labels::Labels;
+use crate::metadata::content::IngestRecord;
+use crate::metadata::leases::{LABEL_EXPIRE, LABEL_FLAT, Resource};
+use crate::metadata::{MetaStore, Metadata, MetadataConfig, ObjectKind};
+use crate::namespace::Namespace;
+use crate::testing::MemoryContentStore;
+
+struct Fixture {
+    _dir: tempfile::TempDir,
+    metadata: Arc<Metadata>,
+    backend: MemoryContentStore,
+    content: Arc<dyn ContentStore>,
+}
+
+fn fixture() -> Fixture {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store =
+        MetaStore::open(&dir.path().join("meta"), &MetadataConfig::default()).expect("open");
+    let backend = MemoryContentStore::new();
+    let metadata = Metadata::new(
+        Arc::new(store),
+        Arc::new(Exchange::default()),
+        Some(Arc::new(backend.clone())),
+        MetadataConfig::default(),
+    );
+    let content = metadata.content().expect("content");
+    Fixture {
+        _dir: dir,
+        metadata,
+        backend,
+        content,
+    }
+}
+
+fn cx(ns: &str, lease: Option<&str>) -> CallContext {
+    CallContext {
+        namespace: Some(Namespace::parse(ns).expect("ns")),
+        lease: lease.map(str::to_owned),
+    }
+}
+
+fn ns(name: &str) -> Namespace {
+    Namespace::parse(name).expect("ns")
+}
+
+async fn ingest(
+    content: &Arc<dyn ContentStore>,
+    cx: &CallContext,
+    data: &[u8],
+    labels: Labels,
+) -> Digest {
+    let digest = Digest::sha256_of(data);
+    let mut w = content
+        .writer(
+            cx,
+            WriterRequest {
+                reference: format!("ref-{digest}"),
+                total: data.len() as u64,
+                expected: Some(digest.clone()),
+            },
+        )
+        .await
+        .expect("writer");
+    w.write(data).await.expect("write");
+    w.commit(data.len() as u64, Some(digest.clone()), labels)
+        .await
+        .expect("commit");
+    digest
+}
+
+async fn read_all(content: &Arc<dyn ContentStore>, cx: &CallContext, d: &Digest) -> Vec<u8> {
+    let mut stream = content.read(cx, d, 0, None).await.expect("read");
+    let mut out = Vec::new();
+    while let Some(chunk) = stream.next().await {
+        out.extend(chunk.expect("chunk"));
+    }
+    out
+}
+
+#[tokio::test]
+async fn content_is_namespaced_and_needs_a_namespace() {
+    let f = fixture();
+    let d = ingest(&f.content, &cx("a", None), b"hello", Labels::new()).await;
+    assert_eq!(read_all(&f.content, &cx("a", None), &d).await, b"hello");
+    let err = f
+        .content
+        .info(&cx("b", None), &d)
+        .await
+        .expect_err("other namespace");
+    assert_eq!(err.kind(), ErrorKind::NotFound);
+    let err = f
+        .content
+        .info(&CallContext::default(), &d)
+        .await
+        .expect_err("no namespace");
+    assert_eq!(err.kind(), ErrorKind::FailedPrecondition);
+    let listed = f
+        .content
+        .list(&cx("a", None), &Filter::default())
+        .await
+        .expect("list");
+    assert_eq!(listed.len(), 1);
+}
+
+#[tokio::test]
+async fn content_create_is_published_once_per_new_blob() {
+    let f = fixture();
+    let mut events = f.metadata.events().subscribe();
+    let d = ingest(&f.content, &cx("a", None), b"blob", Labels::new()).await;
+    let Received::Event(e) = events.next().await else {
+        panic!("no event")
+    };
+    assert_eq!(e.topic, "/content/create");
+    assert_eq!(e.type_url, "containerd.events.ContentCreate");
+    let decoded =
+        berth_proto::containerd::events::ContentCreate::decode(e.value.as_slice()).expect("decode");
+    assert_eq!(decoded.digest, d.to_string());
+    assert_eq!(decoded.size, 4);
+    // The same blob again: AlreadyExists at writer(), no event.
+    let err = f
+        .content
+        .writer(
+            &cx("a", None),
+            WriterRequest {
+                reference: "again".into(),
+                total: 4,
+                expected: Some(d.clone()),
+            },
+        )
+        .await
+        .err()
+        .expect("exists");
+    assert_eq!(err.kind(), ErrorKind::AlreadyExists);
+    f.metadata
+        .events()
+        .publish(crate::events::Envelope {
+            timestamp: SystemTime::now(),
+            namespace: "a".into(),
+            topic: "/marker".into(),
+            type_url: String::new(),
+            value: Vec::new(),
+        })
+        .expect("marker");
+    let Received::Event(next) = events.next().await else {
+        panic!("no marker")
+    };
+    assert_eq!(next.topic, "/marker", "no second /content/create");
+}
+
+#[tokio::test]
+async fn a_wrong_digest_leaves_no_blob() {
+    let f = fixture();
+    let c = cx("a", None);
+    let mut w = f
+        .content
+        .writer(
+            &c,
+            WriterRequest {
+                reference: "bad".into(),
+                total: 0,
+                expected: None,
+            },
+        )
+        .await
+        .expect("writer");
+    w.write(b"actual").await.expect("write");
+    let err = w
+        .commit(0, Some(Digest::sha256_of(b"other")), Labels::new())
+        .await
+        .expect_err("mismatch");
+    assert_eq!(err.kind(), ErrorKind::FailedPrecondition);
+    assert!(
+        f.content
+            .list(&c, &Filter::default())
+            .await
+            .expect("list")
+            .is_empty()
+    );
+    assert!(f.backend.digests().is_empty());
+}
+
+#[tokio::test]
+async fn a_leased_blob_survives_gc_until_the_lease_goes() {
+    let f = fixture();
+    let lease = f
+        .metadata
+        .create_lease(&ns("a"), "", Labels::new())
+        .await
+        .expect("lease");
+    let d = ingest(
+        &f.content,
+        &cx("a", Some(&lease.id)),
+        b"leased",
+        Labels::new(),
+    )
+    .await;
+    let unleased = ingest(&f.content, &cx("a", None), b"loose", Labels::new()).await;
+    let resources = f
+        .metadata
+        .list_lease_resources(&ns("a"), &lease.id)
+        .expect("resources");
+    assert_eq!(
+        resources,
+        [Resource {
+            kind: "content".into(),
+            id: d.to_string()
+        }]
+    );
+
+    f.metadata.collect_garbage().await.expect("gc");
+    assert!(
+        f.content.info(&cx("a", None), &d).await.is_ok(),
+        "the lease holds it"
+    );
+    assert!(
+        f.content.info(&cx("a", None), &unleased).await.is_err(),
+        "nothing holds it"
+    );
+    assert_eq!(f.backend.digests(), std::slice::from_ref(&d));
+
+    f.metadata
+        .delete_lease(&ns("a"), &lease.id, true)
+        .await
+        .expect("delete sync");
+    assert!(f.content.info(&cx("a", None), &d).await.is_err());
+    assert!(f.backend.digests().is_empty());
+}
+
+#[tokio::test]
+async fn gc_ref_labels_keep_children_of_roots() {
+    let f = fixture();
+    let c = cx("a", None);
+    let child = ingest(&f.content, &c, b"child", Labels::new()).await;
+    let grandchild = ingest(&f.content, &c, b"grandchild", Labels::new()).await;
+    f.content
+        .update(
+            &c,
+            crate::content::Info {
+                digest: child.clone(),
+                size: 0,
+                created_at: SystemTime::now(),
+                updated_at: SystemTime::now(),
+                labels: Labels::from([(
+                    "containerd.io/gc.ref.content.l.0".into(),
+                    grandchild.to_string(),
+                )]),
+            },
+            &["labels.containerd.io/gc.ref.content.l.0".to_owned()],
+        )
+        .await
+        .expect("label");
+    let root = ingest(
+        &f.content,
+        &c,
+        b"root",
+        Labels::from([
+            ("containerd.io/gc.root".into(), "1".into()),
+            ("containerd.io/gc.ref.content.m.0".into(), child.to_string()),
+        ]),
+    )
+    .await;
+    let orphan = ingest(&f.content, &c, b"orphan", Labels::new()).await;
+    f.metadata.collect_garbage().await.expect("gc");
+    for kept in [&root, &child, &grandchild] {
+        assert!(f.content.info(&c, kept).await.is_ok(), "{kept} kept");
+    }
+    assert!(f.content.info(&c, &orphan).await.is_err());
+}
+
+#[tokio::test]
+async fn expired_and_flat_leases() {
+    let f = fixture();
+    let expired = f
+        .metadata
+        .create_lease(
+            &ns("a"),
+            "old",
+            Labels::from([(LABEL_EXPIRE.into(), "2001-01-01T00:00:00Z".into())]),
+        )
+        .await
+        .expect("lease");
+    let d = ingest(
+        &f.content,
+        &cx("a", Some(&expired.id)),
+        b"expiring",
+        Labels::new(),
+    )
+    .await;
+
+    let flat = f
+        .metadata
+        .create_lease(
+            &ns("a"),
+            "flat",
+            Labels::from([(LABEL_FLAT.into(), "1".into())]),
+        )
+        .await
+        .expect("flat");
+    let child = ingest(&f.content, &cx("a", None), b"child", Labels::new()).await;
+    let parent = ingest(
+        &f.content,
+        &cx("a", Some(&flat.id)),
+        b"parent",
+        Labels::from([("containerd.io/gc.ref.content".into(), child.to_string())]),
+    )
+    .await;
+
+    f.metadata.collect_garbage().await.expect("gc");
+    let c = cx("a", None);
+    assert!(
+        f.content.info(&c, &d).await.is_err(),
+        "an expired lease protects nothing"
+    );
+    assert!(
+        f.content.info(&c, &parent).await.is_ok(),
+        "a flat lease holds what it lists"
+    );
+    assert!(
+        f.content.info(&c, &child).await.is_err(),
+        "but not what that references"
+    );
+    let leases = f
+        .metadata
+        .list_leases(&ns("a"), &Filter::default())
+        .expect("list");
+    assert_eq!(
+        leases.iter().map(|l| l.id.as_str()).collect::<Vec<_>>(),
+        ["flat"]
+    );
+}
+
+#[tokio::test]
+async fn an_unleased_interrupted_ingest_expires() {
+    let f = fixture();
+    let c = cx("a", None);
+    let mut w = f
+        .content
+        .writer(
+            &c,
+            WriterRequest {
+                reference: "half".into(),
+                total: 10,
+                expected: None,
+            },
+        )
+        .await
+        .expect("writer");
+    w.write(b"12345").await.expect("write");
+    w.close().await.expect("close");
+    f.metadata.collect_garbage().await.expect("gc");
+    assert_eq!(
+        f.content
+            .status(&c, "half")
+            .await
+            .expect("kept while fresh")
+            .offset,
+        5
+    );
+
+    // Move the expiry into the past, as 24 hours passing would.
+    f.metadata
+        .store
+        .write(|txn| {
+            let mut record: IngestRecord = txn
+                .get_object(&ns("a"), &ObjectKind::Ingests, "half")?
+                .expect("record");
+            record.expires_at = Some(SystemTime::now() - Duration::from_secs(1));
+            txn.put_object(&ns("a"), &ObjectKind::Ingests, "half", &record)
+        })
+        .await
+        .expect("age");
+    let report = f.metadata.collect_garbage().await.expect("gc");
+    assert_eq!(report.ingests_aborted, 1);
+    assert_eq!(
+        f.content
+            .status(&c, "half")
+            .await
+            .map_err(|e| e.kind())
+            .err(),
+        Some(ErrorKind::NotFound)
+    );
+    assert!(f.backend.ingest_refs().is_empty());
+}
+
+#[tokio::test]
+async fn shared_blobs_stay_until_every_namespace_lets_go() {
+    let f = fixture();
+    let a = cx("a", None);
+    let b = cx("b", None);
+    let lease_a = f
+        .metadata
+        .create_lease(&ns("a"), "la", Labels::new())
+        .await
+        .expect("lease");
+    let lease_b = f
+        .metadata
+        .create_lease(&ns("b"), "lb", Labels::new())
+        .await
+        .expect("lease");
+    let d = ingest(&f.content, &cx("a", Some("la")), b"shared", Labels::new()).await;
+
+    // b proves nothing but names the digest: shared content needs no bytes.
+    let w = f
+        .content
+        .writer(
+            &cx("b", Some("lb")),
+            WriterRequest {
+                reference: "s".into(),
+                total: 6,
+                expected: Some(d.clone()),
+            },
+        )
+        .await
+        .expect("writer");
+    assert_eq!(w.status().offset, 6);
+    w.commit(6, Some(d.clone()), Labels::new())
+        .await
+        .expect("commit shared");
+    assert_eq!(read_all(&f.content, &b, &d).await, b"shared");
+
+    f.metadata
+        .delete_lease(&ns("a"), &lease_a.id, true)
+        .await
+        .expect("drop a");
+    assert!(f.content.info(&a, &d).await.is_err());
+    assert_eq!(
+        f.backend.digests(),
+        std::slice::from_ref(&d),
+        "b still holds it"
+    );
+    f.metadata
+        .delete_lease(&ns("b"), &lease_b.id, true)
+        .await
+        .expect("drop b");
+    assert!(f.backend.digests().is_empty());
+}
+
+#[tokio::test]
+async fn lease_resources() {
+    let f = fixture();
+    let n = ns("a");
+    let err = f
+        .metadata
+        .add_lease_resource(&n, "missing", Resource::parse("ingests", "r").expect("r"))
+        .await
+        .expect_err("no lease");
+    assert_eq!(err.kind(), ErrorKind::NotFound);
+    f.metadata
+        .create_lease(&n, "l", Labels::new())
+        .await
+        .expect("lease");
+    let snap = Resource::parse("snapshots/overlayfs", "k").expect("r");
+    f.metadata
+        .add_lease_resource(&n, "l", snap.clone())
+        .await
+        .expect("add");
+    f.metadata
+        .add_lease_resource(&n, "l", snap.clone())
+        .await
+        .expect("add twice");
+    assert_eq!(
+        f.metadata.list_lease_resources(&n, "l").expect("list"),
+        std::slice::from_ref(&snap)
+    );
+    f.metadata
+        .delete_lease_resource(&n, "l", &snap)
+        .await
+        .expect("delete");
+    f.metadata
+        .delete_lease_resource(&n, "l", &snap)
+        .await
+        .expect("absent is fine");
+    assert!(
+        f.metadata
+            .list_lease_resources(&n, "l")
+            .expect("list")
+            .is_empty()
+    );
+    let err = f
+        .metadata
+        .create_lease(&n, "l", Labels::new())
+        .await
+        .expect_err("exists");
+    assert_eq!(err.kind(), ErrorKind::AlreadyExists);
+}
