@@ -120,10 +120,7 @@ impl Leases for LeasesService {
 
 impl GrpcService for LeasesService {
     fn add_to(&self, routes: &mut tonic::service::RoutesBuilder, limits: MessageLimits) {
-        routes.add_service(crate::with_limits!(
-            LeasesServer::new(self.clone()),
-            limits
-        ));
+        routes.add_service(crate::with_limits!(LeasesServer::new(self.clone()), limits));
     }
 }
 
