@@ -85,6 +85,12 @@ impl Exchange {
             receiver: self.sender.subscribe(),
         }
     }
+
+    /// How many subscriptions are open. A subscriber that went away must not hold a queue
+    /// (and keep receiving copies of every event), so services and their tests watch this.
+    pub fn subscriber_count(&self) -> usize {
+        self.sender.receiver_count()
+    }
 }
 
 /// What a subscriber receives next.

@@ -7,6 +7,7 @@ use berth_core::registry::Registry;
 pub fn registry() -> Result<Registry> {
     let mut registry = Registry::new();
     registry.register(berth_core::events::registration())?;
+    registry.register(berth_content_local::registration())?;
     registry.register(berth_core::metadata::registration())?;
     registry.register(berth_core::metadata::scheduler::registration())?;
     for registration in berth_services::registrations() {

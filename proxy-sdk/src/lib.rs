@@ -5,5 +5,7 @@
 //! the wire types ([`proto`]). The plugin traits, their client and server adapters and the
 //! conformance suites join it as each plugin kind lands (content, snapshotters, differs).
 
+pub mod conformance;
+
 pub use berth_core::{Error, ErrorKind, Result, error, namespace, serve};
 pub use berth_proto as proto;

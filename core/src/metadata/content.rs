@@ -43,10 +43,13 @@ pub(crate) struct ContentRecord {
 pub(crate) struct IngestRecord {
     /// The backend's reference for this ingest.
     pub(crate) backend_ref: String,
-    /// Set when the blob already existed in another namespace (shared content): the ingest
-    /// then needs no bytes, and the blob must be kept alive for it.
+    /// The digest the client expects, if it named one.
     #[serde(default)]
     pub(crate) expected: Option<Digest>,
+    /// The expected blob already exists in the backend for another namespace (shared
+    /// content): the ingest needs no bytes, and the blob must be kept alive for it.
+    #[serde(default)]
+    pub(crate) shared: bool,
     #[serde(default)]
     pub(crate) size: u64,
     pub(crate) started_at: SystemTime,
@@ -92,12 +95,13 @@ impl MetaContent {
         reference: &str,
         record: &IngestRecord,
     ) -> Result<Status> {
-        if record.expected.is_some() {
+        if record.shared {
             return Ok(shared_status(reference, record));
         }
         match self.backend().status(cx, &record.backend_ref).await {
             Ok(mut status) => {
                 status.reference = reference.to_owned();
+                status.expected = record.expected.clone();
                 Ok(status)
             }
             // Recorded but no byte written yet (or lost in a crash before the first write).
@@ -105,7 +109,7 @@ impl MetaContent {
                 reference: reference.to_owned(),
                 offset: 0,
                 total: record.size,
-                expected: None,
+                expected: record.expected.clone(),
                 started_at: record.started_at,
                 updated_at: record.started_at,
             }),
@@ -301,7 +305,7 @@ impl ContentStore for MetaContent {
                 Ok(record)
             })
             .await?;
-        if record.expected.is_none() {
+        if !record.shared {
             match self.backend().abort(cx, &record.backend_ref).await {
                 Err(e) if e.kind() != ErrorKind::NotFound => return Err(e),
                 _ => {}
@@ -322,6 +326,7 @@ impl ContentStore for MetaContent {
         }
         let _gc = self.db.gc_lock.read().await;
         // Shared content: the blob is in the backend for another namespace already.
+        let mut in_backend = false;
         let mut shared_size = None;
         if let Some(expected) = &request.expected
             && self
@@ -329,11 +334,14 @@ impl ContentStore for MetaContent {
                 .store
                 .get_object::<ContentRecord>(&ns, &ObjectKind::Content, &expected.to_string())?
                 .is_none()
-            && self.db.config.content_sharing_policy != "isolated"
             && let Ok(info) = self.backend().info(cx, expected).await
-            && (request.total == 0 || request.total == info.size)
         {
-            shared_size = Some(info.size);
+            in_backend = true;
+            if self.db.config.content_sharing_policy != "isolated"
+                && (request.total == 0 || request.total == info.size)
+            {
+                shared_size = Some(info.size);
+            }
         }
         let sequence = self.db.store.next_id()?;
         let lease = cx.lease.clone();
@@ -368,6 +376,7 @@ impl ContentStore for MetaContent {
                 let mut record = existing.unwrap_or_else(|| IngestRecord {
                     backend_ref: format!("{ns}/{sequence}/{}", request.reference),
                     expected: None,
+                    shared: false,
                     size: request.total,
                     started_at: SystemTime::now(),
                     expires_at: None,
@@ -387,8 +396,11 @@ impl ContentStore for MetaContent {
                     }
                     None => record.expires_at = Some(SystemTime::now() + INGEST_EXPIRY),
                 }
-                if let Some(size) = shared_size {
+                if request.expected.is_some() {
                     record.expected = request.expected.clone();
+                }
+                if let Some(size) = shared_size {
+                    record.shared = true;
                     record.size = size;
                 }
                 txn.put_object(&ns, &ObjectKind::Ingests, &request.reference, &record)?;
@@ -402,7 +414,7 @@ impl ContentStore for MetaContent {
             )));
         }
         let record = record.unwrap_or_else(|| unreachable!("an ingest record when not exists"));
-        let inner = if record.expected.is_some() {
+        let inner = if record.shared {
             None
         } else {
             Some(
@@ -412,9 +424,14 @@ impl ContentStore for MetaContent {
                         WriterRequest {
                             reference: record.backend_ref.clone(),
                             total: request.total,
-                            // Checked at commit; the backend must not answer AlreadyExists for
-                            // a blob this namespace has not proven it has.
-                            expected: None,
+                            // Gives the backend the digest algorithm to hash with; withheld
+                            // when the backend has the blob, so that it does not answer
+                            // AlreadyExists for bytes this namespace has not proven it has.
+                            expected: if in_backend {
+                                None
+                            } else {
+                                request.expected.clone()
+                            },
                         },
                     )
                     .await?,
@@ -442,13 +459,16 @@ struct MetaWriter {
 }
 
 impl MetaWriter {
-    async fn unshare(&mut self) -> Result<&mut Box<dyn ContentWriter>> {
+    /// Gives a shared ingest a backend writer of its own. With `copy`, the existing blob is
+    /// copied in first, so the offset the client was told (the blob's size) stays true.
+    async fn unshare(&mut self, copy: bool) -> Result<&mut Box<dyn ContentWriter>> {
         if self.inner.is_none() {
-            let writer = self
+            let backend = self
                 .db
                 .content_backend
-                .as_ref()
-                .ok_or_else(|| Error::internal("content backend vanished"))?
+                .clone()
+                .ok_or_else(|| Error::internal("content backend vanished"))?;
+            let mut writer = backend
                 .writer(
                     &self.cx,
                     WriterRequest {
@@ -458,7 +478,14 @@ impl MetaWriter {
                     },
                 )
                 .await?;
-            self.record.expected = None;
+            if copy && let Some(shared) = self.record.expected.clone() {
+                writer.truncate(0).await?;
+                let mut stream = backend.read(&self.cx, &shared, 0, None).await?;
+                while let Some(chunk) = tokio_stream::StreamExt::next(&mut stream).await {
+                    writer.write(&chunk?).await?;
+                }
+            }
+            self.record.shared = false;
             self.inner = Some(writer);
         }
         self.inner
@@ -474,6 +501,7 @@ impl ContentWriter for MetaWriter {
             Some(w) => {
                 let mut status = w.status();
                 status.reference = self.reference.clone();
+                status.expected = self.record.expected.clone();
                 status
             }
             None => shared_status(&self.reference, &self.record),
@@ -483,6 +511,7 @@ impl ContentWriter for MetaWriter {
     fn digest(&self) -> Digest {
         match (&self.inner, &self.record.expected) {
             (Some(w), _) => w.digest(),
+            // A shared ingest "has" the whole expected blob.
             (None, Some(expected)) => expected.clone(),
             (None, None) => Digest::sha256_of(b""),
         }
@@ -492,11 +521,17 @@ impl ContentWriter for MetaWriter {
         if data.is_empty() && self.inner.is_none() {
             return Ok(());
         }
-        self.unshare().await?.write(data).await
+        self.unshare(true).await?.write(data).await
     }
 
     async fn truncate(&mut self, size: u64) -> Result<()> {
-        self.unshare().await?.truncate(size).await
+        if size != 0 {
+            return Err(Error::invalid_argument(format!(
+                "cannot truncate {:?} to {size}: only 0 (start over) is supported",
+                self.reference
+            )));
+        }
+        self.unshare(false).await?.truncate(0).await
     }
 
     async fn commit(
@@ -542,7 +577,9 @@ impl ContentWriter for MetaWriter {
                         status.offset
                     )));
                 }
-                let digest = writer.digest();
+                // The backend verified `expected` (hashing again if it names another
+                // algorithm), so the blob is stored under it.
+                let digest = expected.clone().unwrap_or_else(|| writer.digest());
                 match writer.commit(status.offset, expected, Labels::new()).await {
                     Ok(()) => {}
                     Err(e) if e.kind() == ErrorKind::AlreadyExists => {}

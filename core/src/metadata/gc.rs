@@ -100,7 +100,10 @@ fn structural_edges(kind: &str, record: &Value) -> Vec<Edge> {
             }
         }
         "ingests" => {
-            if let Some(d) = text(record, "expected") {
+            // A shared ingest stands for a blob that another namespace may drop meanwhile.
+            if record.get("shared").and_then(Value::as_bool) == Some(true)
+                && let Some(d) = text(record, "expected")
+            {
                 edges.push(Edge::Content(d));
             }
         }
@@ -147,7 +150,7 @@ impl Graph {
             let node = Node {
                 namespace: String::from_utf8_lossy(ns).into_owned(),
                 kind: String::from_utf8_lossy(kind).into_owned(),
-                id: String::from_utf8_lossy(id).into_owned(),
+                id: super::unescape_id(id),
             };
             let value: Value = serde_json::from_slice(&value).unwrap_or(Value::Null);
             records.insert(node, value);
@@ -270,7 +273,9 @@ impl Metadata {
                                 if let Ok(r) =
                                     serde_json::from_value::<IngestRecord>(record.clone())
                                 {
-                                    if let Some(e) = &r.expected {
+                                    if r.shared
+                                        && let Some(e) = &r.expected
+                                    {
                                         live_blobs.insert(e.to_string());
                                     }
                                     live_ingests.insert(r.backend_ref);

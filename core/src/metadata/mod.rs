@@ -133,9 +133,41 @@ fn kind_prefix(ns: &Namespace, kind: &ObjectKind) -> Result<Vec<u8>> {
     Ok([objects_prefix(ns), kind.into_bytes(), b"\0".to_vec()].concat())
 }
 
+/// Ids are client text (an ingest ref may hold any byte), so NUL and the escape byte are
+/// escaped: `\0` as `\x01\x01` and `\x01` as `\x01\x02`. Keys stay NUL-separated.
+pub(crate) fn escape_id(id: &str) -> Vec<u8> {
+    let mut out = Vec::with_capacity(id.len());
+    for &b in id.as_bytes() {
+        match b {
+            0 => out.extend_from_slice(&[1, 1]),
+            1 => out.extend_from_slice(&[1, 2]),
+            b => out.push(b),
+        }
+    }
+    out
+}
+
+/// The inverse of [`escape_id`].
+pub(crate) fn unescape_id(bytes: &[u8]) -> String {
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut iter = bytes.iter();
+    while let Some(&b) = iter.next() {
+        if b == 1 {
+            match iter.next() {
+                Some(1) => out.push(0),
+                Some(2) => out.push(1),
+                Some(&other) => out.extend_from_slice(&[1, other]),
+                None => out.push(1),
+            }
+        } else {
+            out.push(b);
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
 fn object_key(ns: &Namespace, kind: &ObjectKind, id: &str) -> Result<Vec<u8>> {
-    check_part(id, "object id")?;
-    Ok([kind_prefix(ns, kind)?, id.as_bytes().to_vec()].concat())
+    Ok([kind_prefix(ns, kind)?, escape_id(id)].concat())
 }
 
 fn encode<T: Serialize>(value: &T) -> Result<Vec<u8>> {
@@ -454,7 +486,7 @@ impl MetaStore {
         let mut out = Vec::new();
         for item in self.tree.scan_prefix(&prefix) {
             let (key, value) = item?;
-            let id = String::from_utf8_lossy(&key[prefix.len()..]).into_owned();
+            let id = unescape_id(&key[prefix.len()..]);
             out.push((id, decode(&key, &value)?));
         }
         Ok(out)
@@ -888,13 +920,38 @@ mod tests {
         assert!(err.to_string().contains("newer"), "{err}");
     }
 
-    #[test]
-    fn nul_bytes_in_ids_are_refused() {
+    #[tokio::test]
+    async fn any_bytes_in_ids_round_trip() {
         let dir = tempfile::tempdir().expect("tempdir");
         let store = open(dir.path());
-        let err = store
-            .get_object::<u8>(&ns("a"), &ObjectKind::Images, "bad\0id")
-            .expect_err("nul");
-        assert_eq!(err.kind(), ErrorKind::InvalidArgument);
+        let a = ns("a");
+        let ids = ["nul\0inside", "esc\u{1}ape", "\u{1}\0\u{1}\u{2}", "plain"];
+        store
+            .write(|txn| {
+                for (i, id) in ids.iter().enumerate() {
+                    txn.put_object(&a, &ObjectKind::Ingests, id, &i)?;
+                }
+                Ok(())
+            })
+            .await
+            .expect("put");
+        for (i, id) in ids.iter().enumerate() {
+            assert_eq!(
+                store
+                    .get_object::<usize>(&a, &ObjectKind::Ingests, id)
+                    .expect("get"),
+                Some(i)
+            );
+        }
+        let mut listed: Vec<String> = store
+            .list_objects::<usize>(&a, &ObjectKind::Ingests)
+            .expect("list")
+            .into_iter()
+            .map(|(id, _)| id)
+            .collect();
+        listed.sort();
+        let mut expected: Vec<String> = ids.iter().map(|s| s.to_string()).collect();
+        expected.sort();
+        assert_eq!(listed, expected);
     }
 }

@@ -1,6 +1,8 @@
 //! berth's basic gRPC service plugins (`io.containerd.grpc.v1.<id>`): version, introspection,
-//! namespaces and health. Each is a thin adapter from containerd's wire API to the core.
+//! namespaces, health, events, leases and content. Each is a thin adapter from containerd's wire API to the core.
 
+pub mod content;
+pub mod events;
 pub mod health;
 pub mod introspection;
 pub mod leases;
@@ -20,7 +22,9 @@ pub fn registrations() -> Vec<Registration> {
         version::registration(),
         introspection::registration(),
         namespaces::registration(),
+        events::registration(),
         leases::registration(),
+        content::registration(),
         health::registration(),
     ]
 }
