@@ -63,6 +63,7 @@ impl Selector {
 #[derive(Debug, Clone, Default)]
 pub struct Filter {
     any_of: Vec<Vec<Selector>>,
+    sources: Vec<String>,
 }
 
 impl Filter {
@@ -70,14 +71,22 @@ impl Filter {
     /// filter and the position.
     pub fn parse_all<S: AsRef<str>>(filters: &[S]) -> Result<Filter> {
         let mut any_of = Vec::new();
+        let mut sources = Vec::new();
         for f in filters {
             let f = f.as_ref();
             if f.trim().is_empty() {
                 continue;
             }
             any_of.push(Parser::new(f).filter()?);
+            sources.push(f.to_owned());
         }
-        Ok(Filter { any_of })
+        Ok(Filter { any_of, sources })
+    }
+
+    /// The filter strings this was parsed from (empty ones dropped), so a proxy can pass the
+    /// same filter on to a remote store.
+    pub fn sources(&self) -> &[String] {
+        &self.sources
     }
 
     /// Whether `fields` passes.

@@ -11,9 +11,9 @@
 //! offset the client believes current and waits for its reply; COMMIT carries the size, the
 //! offset, the expected digest and the labels, and the reply is checked against them.
 //!
-//! The trait hands `list` and `list_statuses` a parsed [`Filter`], which cannot be turned back
-//! into text, so this adapter lists everything and filters on its side with the same fields
-//! the stores use (`digest`, `size`, `labels.<key>`; `ref`, `expected`).
+//! `list` and `list_statuses` send the filter's source strings to the remote store and apply
+//! the parsed filter again to what comes back (fields `digest`, `size`, `labels.<key>`; `ref`,
+//! `expected`), so a remote store that ignores filters still gives the right answer.
 
 use std::time::SystemTime;
 
@@ -150,7 +150,12 @@ impl ContentStore for ContentClient {
     }
 
     async fn list(&self, cx: &CallContext, filter: &Filter) -> Result<Vec<Info>> {
-        let call = with_headers(cx, ListContentRequest { filters: vec![] })?;
+        let call = with_headers(
+            cx,
+            ListContentRequest {
+                filters: filter.sources().to_vec(),
+            },
+        )?;
         let mut batches = self.client().list(call).await.map_err(remote)?.into_inner();
         let mut infos = Vec::new();
         while let Some(batch) = batches.message().await.map_err(remote)? {
@@ -234,7 +239,12 @@ impl ContentStore for ContentClient {
     }
 
     async fn list_statuses(&self, cx: &CallContext, filter: &Filter) -> Result<Vec<Status>> {
-        let call = with_headers(cx, ListStatusesRequest { filters: vec![] })?;
+        let call = with_headers(
+            cx,
+            ListStatusesRequest {
+                filters: filter.sources().to_vec(),
+            },
+        )?;
         let statuses = self
             .client()
             .list_statuses(call)
