@@ -7,6 +7,7 @@
 //! - [`metadata`]: namespaced records in sled, with a schema version and group-committed flushes;
 //! - [`events`]: the in-process event exchange;
 //! - [`filters`]: containerd's filter language for List calls and subscriptions;
+//! - [`snapshot`]: the snapshotter plugin kind (mounts, snapshot info, the trait);
 //! - [`serve`]: the unix-socket gRPC server lifecycle shared by berthd and proxy plugins.
 //!
 //! Storage, snapshots, images, tasks and the gRPC services are plugins outside this crate.
@@ -21,6 +22,7 @@ pub mod metadata;
 pub mod namespace;
 pub mod registry;
 pub mod serve;
+pub mod snapshot;
 pub mod testing;
 
 pub use error::{Error, ErrorKind, Result};
