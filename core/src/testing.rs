@@ -334,3 +334,163 @@ impl ContentWriter for MemoryWriter {
         Ok(())
     }
 }
+
+/// An in-memory snapshotter: keeps snapshot records only, and hands out `bind` mounts of
+/// made-up paths. Enough to test the metadata layer's bookkeeping and GC.
+#[derive(Clone, Default)]
+pub struct MemorySnapshotter {
+    snapshots: Arc<Mutex<BTreeMap<String, crate::snapshot::SnapshotInfo>>>,
+}
+
+impl MemorySnapshotter {
+    /// An empty snapshotter.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Keys of every snapshot the backend holds.
+    pub fn keys(&self) -> Vec<String> {
+        self.lock().keys().cloned().collect()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, crate::snapshot::SnapshotInfo>> {
+        self.snapshots
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn create(
+        &self,
+        key: &str,
+        parent: Option<&str>,
+        labels: Labels,
+        kind: crate::snapshot::SnapshotKind,
+    ) -> Result<Vec<crate::snapshot::Mount>> {
+        let mut all = self.lock();
+        if all.contains_key(key) {
+            return Err(Error::already_exists(format!("snapshot {key:?}")));
+        }
+        if let Some(p) = parent {
+            match all.get(p) {
+                Some(i) if i.kind == crate::snapshot::SnapshotKind::Committed => {}
+                Some(_) => {
+                    return Err(Error::invalid_argument(format!(
+                        "parent {p:?} is not committed"
+                    )));
+                }
+                None => return Err(Error::not_found(format!("parent {p:?}"))),
+            }
+        }
+        let now = SystemTime::now();
+        all.insert(
+            key.to_owned(),
+            crate::snapshot::SnapshotInfo {
+                name: key.to_owned(),
+                parent: parent.map(str::to_owned),
+                kind,
+                created_at: now,
+                updated_at: now,
+                labels,
+            },
+        );
+        Ok(vec![crate::snapshot::Mount {
+            kind: "bind".into(),
+            source: format!("/memory/{key}"),
+            target: String::new(),
+            options: vec!["rbind".into(), "rw".into()],
+        }])
+    }
+}
+
+#[async_trait::async_trait]
+impl crate::snapshot::Snapshotter for MemorySnapshotter {
+    async fn stat(&self, _cx: &CallContext, key: &str) -> Result<crate::snapshot::SnapshotInfo> {
+        self.lock()
+            .get(key)
+            .cloned()
+            .ok_or_else(|| Error::not_found(format!("snapshot {key:?}")))
+    }
+
+    async fn update(
+        &self,
+        cx: &CallContext,
+        info: crate::snapshot::SnapshotInfo,
+        _fieldpaths: &[String],
+    ) -> Result<crate::snapshot::SnapshotInfo> {
+        if let Some(s) = self.lock().get_mut(&info.name) {
+            s.labels = info.labels;
+        }
+        self.stat(cx, &info.name).await
+    }
+
+    async fn usage(&self, cx: &CallContext, key: &str) -> Result<crate::snapshot::Usage> {
+        self.stat(cx, key)
+            .await
+            .map(|_| crate::snapshot::Usage::default())
+    }
+
+    async fn mounts(&self, cx: &CallContext, key: &str) -> Result<Vec<crate::snapshot::Mount>> {
+        self.stat(cx, key).await?;
+        Ok(vec![crate::snapshot::Mount {
+            kind: "bind".into(),
+            source: format!("/memory/{key}"),
+            target: String::new(),
+            options: vec!["rbind".into()],
+        }])
+    }
+
+    async fn prepare(
+        &self,
+        _cx: &CallContext,
+        key: &str,
+        parent: Option<&str>,
+        labels: Labels,
+    ) -> Result<Vec<crate::snapshot::Mount>> {
+        self.create(key, parent, labels, crate::snapshot::SnapshotKind::Active)
+    }
+
+    async fn view(
+        &self,
+        _cx: &CallContext,
+        key: &str,
+        parent: Option<&str>,
+        labels: Labels,
+    ) -> Result<Vec<crate::snapshot::Mount>> {
+        self.create(key, parent, labels, crate::snapshot::SnapshotKind::View)
+    }
+
+    async fn commit(&self, _cx: &CallContext, name: &str, key: &str, labels: Labels) -> Result<()> {
+        let mut all = self.lock();
+        if all.contains_key(name) {
+            return Err(Error::already_exists(format!("snapshot {name:?}")));
+        }
+        let mut info = all
+            .remove(key)
+            .ok_or_else(|| Error::not_found(format!("snapshot {key:?}")))?;
+        info.name = name.to_owned();
+        info.kind = crate::snapshot::SnapshotKind::Committed;
+        info.labels.extend(labels);
+        all.insert(name.to_owned(), info);
+        Ok(())
+    }
+
+    async fn remove(&self, _cx: &CallContext, key: &str) -> Result<()> {
+        let mut all = self.lock();
+        if all.values().any(|i| i.parent.as_deref() == Some(key)) {
+            return Err(Error::failed_precondition(format!(
+                "snapshot {key:?} has children"
+            )));
+        }
+        all.remove(key)
+            .map(|_| ())
+            .ok_or_else(|| Error::not_found(format!("snapshot {key:?}")))
+    }
+
+    async fn list(
+        &self,
+        _cx: &CallContext,
+        _filter: &Filter,
+    ) -> Result<Vec<crate::snapshot::SnapshotInfo>> {
+        Ok(self.lock().values().cloned().collect())
+    }
+}

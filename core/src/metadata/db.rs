@@ -12,6 +12,7 @@ use crate::content::{CallContext, ContentStore};
 use crate::error::{Error, Result};
 use crate::events::{Envelope, Exchange};
 use crate::metadata::{MetaStore, MetadataConfig};
+use crate::snapshot::Snapshotter;
 
 /// What a change did, for the GC scheduler's thresholds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -37,6 +38,7 @@ pub struct Metadata {
     pub(crate) store: Arc<MetaStore>,
     pub(crate) events: Arc<Exchange>,
     pub(crate) content_backend: Option<Arc<dyn ContentStore>>,
+    pub(crate) snapshot_backends: std::collections::BTreeMap<String, Arc<dyn Snapshotter>>,
     pub(crate) config: MetadataConfig,
     /// Held shared by content commits (from the backend commit until the record exists) and
     /// exclusively by the backend sweep, so a just-committed blob is never swept.
@@ -62,10 +64,23 @@ impl Metadata {
         content_backend: Option<Arc<dyn ContentStore>>,
         config: MetadataConfig,
     ) -> Arc<Metadata> {
+        Self::with_snapshotters(store, events, content_backend, Default::default(), config)
+    }
+
+    /// The metadata layer over `store`, wrapping the content backend and each snapshotter
+    /// backend (by name).
+    pub fn with_snapshotters(
+        store: Arc<MetaStore>,
+        events: Arc<Exchange>,
+        content_backend: Option<Arc<dyn ContentStore>>,
+        snapshot_backends: std::collections::BTreeMap<String, Arc<dyn Snapshotter>>,
+        config: MetadataConfig,
+    ) -> Arc<Metadata> {
         Arc::new(Metadata {
             store,
             events,
             content_backend,
+            snapshot_backends,
             config,
             gc_lock: tokio::sync::RwLock::new(()),
             hook: Mutex::new(None),
@@ -87,6 +102,21 @@ impl Metadata {
     pub fn content(self: &Arc<Self>) -> Option<Arc<dyn ContentStore>> {
         self.content_backend.as_ref()?;
         Some(Arc::new(super::content::MetaContent::new(Arc::clone(self))))
+    }
+
+    /// The namespaced snapshotter `name` (None when no such snapshotter is loaded).
+    pub fn snapshotter(self: &Arc<Self>, name: &str) -> Option<Arc<dyn Snapshotter>> {
+        let backend = self.snapshot_backends.get(name)?;
+        Some(Arc::new(super::snapshots::MetaSnapshotter::new(
+            Arc::clone(self),
+            name.to_owned(),
+            Arc::clone(backend),
+        )))
+    }
+
+    /// Names of the loaded snapshotters.
+    pub fn snapshotter_names(&self) -> Vec<String> {
+        self.snapshot_backends.keys().cloned().collect()
     }
 
     /// Installs the receiver of mutations (the GC scheduler).

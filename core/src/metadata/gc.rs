@@ -130,6 +130,8 @@ pub struct GcReport {
     pub blobs_removed: usize,
     /// Backend ingests aborted.
     pub ingests_aborted: usize,
+    /// Backend snapshots removed.
+    pub snapshots_removed: usize,
     /// How long the collection took.
     pub duration: Duration,
 }
@@ -248,6 +250,63 @@ fn collectible(node: &Node) -> bool {
 }
 
 impl Metadata {
+    /// Removes the backend snapshots of `name` that no namespace records, children first,
+    /// then lets the backend clean up.
+    async fn sweep_snapshotter(
+        &self,
+        name: &str,
+        backend: &std::sync::Arc<dyn crate::snapshot::Snapshotter>,
+    ) -> Result<usize> {
+        let kind = format!("snapshots/{name}");
+        let mut live = BTreeSet::new();
+        for item in self.store.tree.scan_prefix(b"o\0") {
+            let (key, value) = item?;
+            let mut parts = key[2..].splitn(3, |&b| b == 0);
+            let (Some(_), Some(k), Some(_)) = (parts.next(), parts.next(), parts.next()) else {
+                continue;
+            };
+            if k != kind.as_bytes() {
+                continue;
+            }
+            if let Ok(v) = serde_json::from_slice::<Value>(&value)
+                && let Some(b) = v.get("backend_key").and_then(Value::as_str)
+            {
+                live.insert(b.to_owned());
+            }
+        }
+        let cx = CallContext::default();
+        let mut dead: Vec<crate::snapshot::SnapshotInfo> = backend
+            .list(&cx, &Filter::default())
+            .await?
+            .into_iter()
+            .filter(|i| !live.contains(&i.name))
+            .collect();
+        let mut removed = 0;
+        // Children before parents: remove leaves until nothing removable is left.
+        loop {
+            let parents: BTreeSet<String> = dead.iter().filter_map(|i| i.parent.clone()).collect();
+            let (leaves, rest): (Vec<_>, Vec<_>) =
+                dead.into_iter().partition(|i| !parents.contains(&i.name));
+            if leaves.is_empty() {
+                break;
+            }
+            for leaf in leaves {
+                match backend.remove(&cx, &leaf.name).await {
+                    Ok(()) => removed += 1,
+                    Err(e) if e.kind() == ErrorKind::NotFound => {}
+                    Err(e) => {
+                        tracing::warn!(snapshotter = name, key = %leaf.name, error = %e, "cannot remove snapshot");
+                    }
+                }
+            }
+            dead = rest;
+        }
+        if removed > 0 {
+            backend.cleanup(&cx).await?;
+        }
+        Ok(removed)
+    }
+
     /// Runs one collection: mark and metadata sweep atomically, then the backend sweep.
     pub async fn collect_garbage(&self) -> Result<GcReport> {
         let started = Instant::now();
@@ -325,6 +384,9 @@ impl Metadata {
                     }
                 }
             }
+        }
+        for (name, backend) in &self.snapshot_backends {
+            report.snapshots_removed += self.sweep_snapshotter(name, backend).await?;
         }
         report.duration = started.elapsed();
         tracing::debug!(

@@ -41,6 +41,7 @@ mod db;
 pub mod gc;
 pub mod leases;
 pub mod scheduler;
+mod snapshots;
 #[cfg(test)]
 mod tests_layer;
 
@@ -680,19 +681,28 @@ pub fn registration() -> crate::registry::Registration {
             .into());
         }
         let content = content.pop().map(|(_, store)| store);
+        let snapshotters = ctx
+            .all::<crate::snapshot::SnapshotterKind>()
+            .into_iter()
+            .collect();
         let dir = ctx.root().join("meta.sled");
         let open_config = config.clone();
         let store = tokio::task::spawn_blocking(move || MetaStore::open(&dir, &open_config))
             .await
             .map_err(|e| Error::internal(format!("metadata open task: {e}")))??;
-        Ok(Instance::new::<MetadataKind>(Metadata::new(
+        Ok(Instance::new::<MetadataKind>(Metadata::with_snapshotters(
             std::sync::Arc::new(store),
             events,
             content,
+            snapshotters,
             config,
         )))
     })
-    .requires(&[PluginType::EVENT, PluginType::CONTENT])
+    .requires(&[
+        PluginType::EVENT,
+        PluginType::CONTENT,
+        PluginType::SNAPSHOTTER,
+    ])
     .with_config::<MetadataConfig>()
 }
 

@@ -495,3 +495,143 @@ async fn lease_resources() {
         .expect_err("exists");
     assert_eq!(err.kind(), ErrorKind::AlreadyExists);
 }
+
+mod snapshots {
+    use super::*;
+    use crate::snapshot::{SnapshotKind, Snapshotter};
+    use crate::testing::MemorySnapshotter;
+
+    struct SnapFixture {
+        _dir: tempfile::TempDir,
+        metadata: Arc<Metadata>,
+        backend: MemorySnapshotter,
+        sn: Arc<dyn Snapshotter>,
+    }
+
+    fn snap_fixture() -> SnapFixture {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store =
+            MetaStore::open(&dir.path().join("meta"), &MetadataConfig::default()).expect("open");
+        let backend = MemorySnapshotter::new();
+        let metadata = Metadata::with_snapshotters(
+            Arc::new(store),
+            Arc::new(Exchange::default()),
+            None,
+            [(
+                "mem".to_owned(),
+                Arc::new(backend.clone()) as Arc<dyn Snapshotter>,
+            )]
+            .into(),
+            MetadataConfig::default(),
+        );
+        let sn = metadata.snapshotter("mem").expect("snapshotter");
+        SnapFixture {
+            _dir: dir,
+            metadata,
+            backend,
+            sn,
+        }
+    }
+
+    #[tokio::test]
+    async fn prepare_commit_view_and_namespaced_keys() {
+        let f = snap_fixture();
+        let a = cx("a", None);
+        f.sn.prepare(&a, "k1", None, Labels::new())
+            .await
+            .expect("prepare");
+        f.sn.commit(&a, "base", "k1", Labels::new())
+            .await
+            .expect("commit");
+        f.sn.prepare(&a, "k2", Some("base"), Labels::new())
+            .await
+            .expect("child");
+        f.sn.view(&a, "v", Some("base"), Labels::new())
+            .await
+            .expect("view");
+        assert_eq!(
+            f.sn.stat(&a, "base").await.expect("stat").kind,
+            SnapshotKind::Committed
+        );
+        assert_eq!(
+            f.sn.stat(&a, "v").await.expect("stat").kind,
+            SnapshotKind::View
+        );
+        let err =
+            f.sn.commit(&a, "x", "v", Labels::new())
+                .await
+                .expect_err("views do not commit");
+        assert_eq!(err.kind(), ErrorKind::FailedPrecondition);
+        let err =
+            f.sn.prepare(&a, "k2", None, Labels::new())
+                .await
+                .expect_err("exists");
+        assert_eq!(err.kind(), ErrorKind::AlreadyExists);
+        let err =
+            f.sn.prepare(&a, "k3", Some("k2"), Labels::new())
+                .await
+                .expect_err("active parent");
+        assert_eq!(err.kind(), ErrorKind::InvalidArgument);
+        // Another namespace has its own keys.
+        let b = cx("b", None);
+        assert_eq!(
+            f.sn.stat(&b, "base").await.map_err(|e| e.kind()).err(),
+            Some(ErrorKind::NotFound)
+        );
+        f.sn.prepare(&b, "k1", None, Labels::new())
+            .await
+            .expect("same key elsewhere");
+        assert!(
+            f.backend
+                .keys()
+                .iter()
+                .all(|k| k.starts_with("a/") || k.starts_with("b/"))
+        );
+        let err = f.sn.remove(&a, "base").await.expect_err("has children");
+        assert_eq!(err.kind(), ErrorKind::FailedPrecondition);
+    }
+
+    #[tokio::test]
+    async fn gc_removes_unreferenced_snapshots_children_first() {
+        let f = snap_fixture();
+        let a = cx("a", None);
+        let lease = f
+            .metadata
+            .create_lease(&ns("a"), "hold", Labels::new())
+            .await
+            .expect("lease");
+        let held = cx("a", Some(&lease.id));
+        f.sn.prepare(&held, "x1", None, Labels::new())
+            .await
+            .expect("prepare");
+        f.sn.commit(&held, "layer1", "x1", Labels::new())
+            .await
+            .expect("commit");
+        f.sn.prepare(&held, "x2", Some("layer1"), Labels::new())
+            .await
+            .expect("prepare");
+        f.sn.commit(&held, "layer2", "x2", Labels::new())
+            .await
+            .expect("commit");
+        f.sn.prepare(&a, "loose", None, Labels::new())
+            .await
+            .expect("unleased");
+        f.metadata.collect_garbage().await.expect("gc");
+        assert_eq!(
+            f.backend.keys().len(),
+            2,
+            "the leased chain stays: {:?}",
+            f.backend.keys()
+        );
+        assert!(f.sn.stat(&a, "loose").await.is_err());
+        f.metadata
+            .delete_lease(&ns("a"), "hold", true)
+            .await
+            .expect("drop lease");
+        assert!(
+            f.backend.keys().is_empty(),
+            "parent and child removed: {:?}",
+            f.backend.keys()
+        );
+    }
+}
