@@ -90,6 +90,15 @@ pub fn from_metadata(metadata: &tonic::metadata::MetadataMap) -> Result<Option<N
     }
 }
 
+/// The lease a call's new objects join (`containerd-lease`), if any.
+pub fn lease_from_metadata(metadata: &tonic::metadata::MetadataMap) -> Option<String> {
+    metadata
+        .get(LEASE_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| !v.is_empty())
+        .map(str::to_owned)
+}
+
 /// The namespace a namespaced call must carry: FailedPrecondition when it has none, as in
 /// containerd ("namespace is required").
 pub fn require(metadata: &tonic::metadata::MetadataMap) -> Result<Namespace> {

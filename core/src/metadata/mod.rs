@@ -39,6 +39,7 @@ use serde::{Deserialize, Serialize};
 mod content;
 mod db;
 pub mod gc;
+pub mod images;
 pub mod leases;
 pub mod scheduler;
 mod snapshots;

@@ -635,3 +635,117 @@ mod snapshots {
         );
     }
 }
+
+mod images {
+    use super::*;
+    use crate::metadata::images::Image;
+    use crate::snapshot::Descriptor;
+
+    fn image(name: &str, target: &Digest, size: u64) -> Image {
+        Image {
+            name: name.into(),
+            labels: Labels::new(),
+            target: Descriptor {
+                media_type: "application/vnd.oci.image.manifest.v1+json".into(),
+                digest: target.clone(),
+                size,
+                annotations: Default::default(),
+            },
+            created_at: SystemTime::UNIX_EPOCH,
+            updated_at: SystemTime::UNIX_EPOCH,
+        }
+    }
+
+    #[tokio::test]
+    async fn create_update_and_compare_and_delete() {
+        let f = fixture();
+        let n = ns("a");
+        let d1 = Digest::sha256_of(b"m1");
+        let d2 = Digest::sha256_of(b"m2");
+        let err = f
+            .metadata
+            .update_image(&n, image("img", &d1, 2), &[], None)
+            .await
+            .expect_err("missing");
+        assert_eq!(err.kind(), ErrorKind::NotFound, "import relies on NotFound");
+        f.metadata
+            .create_image(&n, image("img", &d1, 2), None, None)
+            .await
+            .expect("create");
+        let err = f
+            .metadata
+            .create_image(&n, image("img", &d1, 2), None, None)
+            .await
+            .expect_err("exists");
+        assert_eq!(err.kind(), ErrorKind::AlreadyExists);
+        f.metadata
+            .update_image(&n, image("img", &d2, 2), &["target".to_owned()], None)
+            .await
+            .expect("retarget");
+        let err = f
+            .metadata
+            .delete_image(&n, "img", Some(&d1), false)
+            .await
+            .expect_err("stale target");
+        assert_eq!(err.kind(), ErrorKind::NotFound);
+        assert!(f.metadata.get_image(&n, "img").is_ok(), "kept");
+        f.metadata
+            .delete_image(&n, "img", Some(&d2), false)
+            .await
+            .expect("right target");
+        assert!(f.metadata.get_image(&n, "img").is_err());
+        let mut bad = image("bad", &d1, 0);
+        let err = f
+            .metadata
+            .create_image(&n, bad.clone(), None, None)
+            .await
+            .expect_err("size 0");
+        assert_eq!(err.kind(), ErrorKind::InvalidArgument);
+        bad.target.size = 1;
+        bad.target.media_type.clear();
+        let err = f
+            .metadata
+            .create_image(&n, bad, None, None)
+            .await
+            .expect_err("no media type");
+        assert_eq!(err.kind(), ErrorKind::InvalidArgument);
+    }
+
+    #[tokio::test]
+    async fn sync_delete_frees_only_what_the_image_alone_used() {
+        let f = fixture();
+        let c = cx("a", None);
+        let n = ns("a");
+        let shared = ingest(&f.content, &c, b"shared layer", Labels::new()).await;
+        let own = ingest(&f.content, &c, b"own layer", Labels::new()).await;
+        let other = ingest(&f.content, &c, b"other layer", Labels::new()).await;
+        let manifest = |layers: &[&Digest], tag: &[u8]| {
+            let mut labels = Labels::new();
+            for (i, l) in layers.iter().enumerate() {
+                labels.insert(format!("containerd.io/gc.ref.content.l.{i}"), l.to_string());
+            }
+            (labels, tag.to_vec())
+        };
+        let (l1, m1data) = manifest(&[&shared, &own], b"manifest one");
+        let (l2, m2data) = manifest(&[&shared, &other], b"manifest two");
+        let m1 = ingest(&f.content, &c, &m1data, l1).await;
+        let m2 = ingest(&f.content, &c, &m2data, l2).await;
+        f.metadata
+            .create_image(&n, image("one", &m1, 12), None, None)
+            .await
+            .expect("one");
+        f.metadata
+            .create_image(&n, image("two", &m2, 12), None, None)
+            .await
+            .expect("two");
+        f.metadata.collect_garbage().await.expect("gc");
+        assert_eq!(f.backend.digests().len(), 5, "everything is referenced");
+
+        f.metadata
+            .delete_image(&n, "one", None, true)
+            .await
+            .expect("delete sync");
+        let left: std::collections::BTreeSet<Digest> = f.backend.digests().into_iter().collect();
+        assert_eq!(left, [shared, other, m2].into_iter().collect());
+    }
+}

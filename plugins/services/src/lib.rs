@@ -4,6 +4,7 @@
 pub mod content;
 pub mod events;
 pub mod health;
+pub mod images;
 pub mod introspection;
 pub mod leases;
 pub mod namespaces;
@@ -25,6 +26,7 @@ pub fn registrations() -> Vec<Registration> {
         events::registration(),
         leases::registration(),
         content::registration(),
+        images::registration(),
         health::registration(),
     ]
 }
