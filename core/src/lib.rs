@@ -3,6 +3,7 @@
 //! - [`registry`]: plugin registrations, dependency order, init outcomes and typed lookups;
 //! - [`config`]: the TOML configuration (containerd's keys), its migrations and warnings;
 //! - [`content`]: the content store plugin kind (digests, ingests, the trait);
+//! - [`diff`]: the differ plugin kind (apply layers, compare mounts);
 //! - [`error`]: the one error vocabulary and its one mapping to and from gRPC status codes;
 //! - [`metadata`]: namespaced records in sled, with a schema version and group-committed flushes;
 //! - [`events`]: the in-process event exchange;
@@ -14,6 +15,7 @@
 
 pub mod config;
 pub mod content;
+pub mod diff;
 pub mod error;
 pub mod events;
 pub mod filters;
