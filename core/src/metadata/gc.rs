@@ -195,11 +195,14 @@ impl Graph {
                 }
                 "images" | "containers" | "sandboxes" => queue.push_back((node.clone(), true)),
                 "ingests" => {
-                    let expired = serde_json::from_value::<IngestRecord>(record.clone())
+                    // As containerd: an ingest is a root only while its expiry lies ahead.
+                    // Leased ingests have none; their lease holds them, and once it is gone
+                    // nothing does.
+                    let fresh = serde_json::from_value::<IngestRecord>(record.clone())
                         .ok()
                         .and_then(|r| r.expires_at)
-                        .is_some_and(|t| t < now);
-                    if !expired {
+                        .is_some_and(|t| t >= now);
+                    if fresh {
                         queue.push_back((node.clone(), true));
                     }
                 }

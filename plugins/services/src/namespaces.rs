@@ -146,6 +146,8 @@ impl Namespaces for NamespacesService {
             .namespace
             .ok_or_else(|| Error::invalid_argument("namespace is missing from the request"))?;
         let ns = Namespace::parse(&requested.name)?;
+        // The event carries the labels the request set, as containerd's does.
+        let requested_labels = requested.labels.clone();
         let paths = req.update_mask.map(|m| m.paths).unwrap_or_default();
         let (changes, replace) = if paths.is_empty() || paths.iter().any(|p| p == "labels") {
             (requested.labels.into_iter().collect::<Vec<_>>(), true)
@@ -173,7 +175,7 @@ impl Namespaces for NamespacesService {
             "/namespaces/update",
             &NamespaceUpdate {
                 name: ns.to_string(),
-                labels: labels.clone().into_iter().collect(),
+                labels: requested_labels,
             },
         );
         Ok(tonic::Response::new(UpdateNamespaceResponse {
@@ -185,14 +187,14 @@ impl Namespaces for NamespacesService {
         &self,
         request: tonic::Request<DeleteNamespaceRequest>,
     ) -> Result<tonic::Response<()>, tonic::Status> {
-        let caller = caller_namespace(&request);
         let name = &request.get_ref().name;
         // A name that is not valid cannot exist: NotFound, as containerd answers.
         let ns =
             Namespace::parse(name).map_err(|_| Error::not_found(format!("namespace {name:?}")))?;
         self.store.delete_namespace(&ns).await?;
+        // Published in the deleted namespace itself, as containerd does.
         self.publish(
-            caller.as_ref(),
+            Some(&ns),
             ns.as_str(),
             "/namespaces/delete",
             &NamespaceDelete {
