@@ -20,6 +20,11 @@
 //!
 //! Set `BERTH_KEEP_TMP=1` to keep each daemon's directory (config, logs, root) after the test.
 //!
+//! [`api`] holds `containerd-client` helpers for the content, leases and events services (the
+//! content write protocol, lease resources, a deterministic GC trigger, an event watcher with
+//! barriers). Tests that keep blobs without a lease start their daemon with
+//! [`Options::no_startup_gc`].
+//!
 //! ```no_run
 //! use berth_integration::{Daemon, Kind};
 //! let d = Daemon::start(Kind::Containerd);
@@ -50,6 +55,8 @@ use tonic::transport::{Channel, Endpoint};
 pub use containerd_client;
 pub use nix;
 pub use tonic;
+
+pub mod api;
 
 /// The gRPC metadata key carrying the namespace of a namespaced call.
 pub const NAMESPACE_HEADER: &str = "containerd-namespace";
@@ -217,7 +224,24 @@ impl Default for Options {
     }
 }
 
+/// Config (the same TOML for both daemons) that moves the garbage collector's first automatic
+/// collection an hour after start-up. By default both collect 100 ms after start
+/// (`startup_delay`), which removes any blob `ctr content ingest` wrote without a lease in that
+/// window. Collections after deletions and `sync` lease deletes still run.
+pub const NO_STARTUP_GC: &str = r#"
+[plugins."io.containerd.gc.v1.scheduler"]
+startup_delay = "1h"
+"#;
+
 impl Options {
+    /// Default options plus [`NO_STARTUP_GC`], for tests that keep blobs without leases.
+    pub fn no_startup_gc() -> Self {
+        Options {
+            extra_config: NO_STARTUP_GC.to_string(),
+            ..Options::default()
+        }
+    }
+
     /// Options with a complete config template (see [`Options::config`]).
     pub fn with_config(config: impl Into<String>) -> Self {
         Options {
@@ -234,8 +258,10 @@ pub struct CmdOutput {
     pub command: String,
     /// Exit status.
     pub status: ExitStatus,
-    /// Standard output.
+    /// Standard output (lossy UTF-8).
     pub stdout: String,
+    /// Standard output as bytes (`ctr content get` writes binary data).
+    pub stdout_bytes: Vec<u8>,
     /// Standard error.
     pub stderr: String,
 }
@@ -276,8 +302,28 @@ impl fmt::Display for CmdOutput {
     }
 }
 
+/// What a command started by [`run_command_with_input`] reads on its standard input.
+#[derive(Debug, Clone)]
+pub enum Input {
+    /// `/dev/null`.
+    Null,
+    /// These bytes through a pipe (written by a thread, then closed), like `printf ... | cmd`.
+    Bytes(Vec<u8>),
+    /// This file, opened read-only (seekable, like `cmd < FILE`).
+    File(PathBuf),
+}
+
 /// Runs a command with a timeout (the child is killed when it expires), capturing both streams.
 pub fn run_command(cmd: &mut Command, timeout: Duration) -> Result<CmdOutput> {
+    run_command_with_input(cmd, Input::Null, timeout)
+}
+
+/// [`run_command`] with `input` on the command's standard input.
+pub fn run_command_with_input(
+    cmd: &mut Command,
+    input: Input,
+    timeout: Duration,
+) -> Result<CmdOutput> {
     let command = format!(
         "{} {}",
         cmd.get_program().to_string_lossy(),
@@ -286,12 +332,28 @@ pub fn run_command(cmd: &mut Command, timeout: Duration) -> Result<CmdOutput> {
             .collect::<Vec<_>>()
             .join(" ")
     );
+    let (stdin, bytes) = match input {
+        Input::Null => (Stdio::null(), None),
+        Input::Bytes(b) => (Stdio::piped(), Some(b)),
+        Input::File(p) => (
+            Stdio::from(File::open(&p).with_context(|| format!("opening {}", p.display()))?),
+            None,
+        ),
+    };
     let mut child = cmd
-        .stdin(Stdio::null())
+        .stdin(stdin)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .with_context(|| format!("spawning `{command}`"))?;
+    let feeder = match (child.stdin.take(), bytes) {
+        (Some(mut w), Some(b)) => Some(thread::spawn(move || {
+            use std::io::Write as _;
+            // A write error means the command stopped reading; its exit status tells why.
+            let _ = w.write_all(&b);
+        })),
+        _ => None,
+    };
     let out = child.stdout.take().map(read_in_thread);
     let err = child.stderr.take().map(read_in_thread);
     let deadline = Instant::now() + timeout;
@@ -303,25 +365,30 @@ pub fn run_command(cmd: &mut Command, timeout: Duration) -> Result<CmdOutput> {
             let _ = child.kill();
             let _ = child.wait();
             let stderr = err.and_then(|h| h.join().ok()).unwrap_or_default();
+            let stderr = String::from_utf8_lossy(&stderr);
             bail!("`{command}` did not finish within {timeout:?}; stderr: {stderr}");
         }
         thread::sleep(Duration::from_millis(2));
     };
-    let stdout = out.and_then(|h| h.join().ok()).unwrap_or_default();
+    if let Some(f) = feeder {
+        let _ = f.join();
+    }
+    let stdout_bytes = out.and_then(|h| h.join().ok()).unwrap_or_default();
     let stderr = err.and_then(|h| h.join().ok()).unwrap_or_default();
     Ok(CmdOutput {
         command,
         status,
-        stdout,
-        stderr,
+        stdout: String::from_utf8_lossy(&stdout_bytes).into_owned(),
+        stdout_bytes,
+        stderr: String::from_utf8_lossy(&stderr).into_owned(),
     })
 }
 
-fn read_in_thread<R: Read + Send + 'static>(mut r: R) -> thread::JoinHandle<String> {
+fn read_in_thread<R: Read + Send + 'static>(mut r: R) -> thread::JoinHandle<Vec<u8>> {
     thread::spawn(move || {
         let mut buf = Vec::new();
         let _ = r.read_to_end(&mut buf);
-        String::from_utf8_lossy(&buf).into_owned()
+        buf
     })
 }
 
@@ -334,6 +401,37 @@ fn shell_quote(s: &str) -> String {
     } else {
         format!("'{}'", s.replace('\'', r"'\''"))
     }
+}
+
+/// The rows of a table ctr prints with a tab-padded tabwriter (`content ls`, `content active`):
+/// the header line is dropped, each row is split on tabs and empty cells are removed, so cells
+/// holding spaces (`Less than a second`) stay whole.
+pub fn tab_rows(stdout: &str) -> Vec<Vec<String>> {
+    stdout
+        .lines()
+        .skip(1)
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| {
+            l.split('\t')
+                .map(str::trim)
+                .filter(|c| !c.is_empty())
+                .map(str::to_string)
+                .collect()
+        })
+        .collect()
+}
+
+/// Sorted `k=v` labels from a ctr labels cell (`a=1,b=2`; `-` or empty for none). ctr prints
+/// them in Go map order.
+pub fn label_cell(cell: &str) -> Vec<String> {
+    let mut v: Vec<String> = cell
+        .split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty() && *s != "-")
+        .map(str::to_string)
+        .collect();
+    v.sort();
+    v
 }
 
 /// Runs `berthd ARGS` (for the `config` subcommands) with a 60 s timeout.
@@ -355,14 +453,37 @@ where
     I: IntoIterator<Item = S>,
     S: AsRef<OsStr>,
 {
+    ctr_at_with_input(socket, args, Input::Null)
+}
+
+/// [`ctr_at`] with `input` on ctr's standard input (`ctr content ingest` reads it).
+pub fn ctr_at_with_input<I, S>(socket: &Path, args: I, input: Input) -> Result<CmdOutput>
+where
+    I: IntoIterator<Item = S>,
+    S: AsRef<OsStr>,
+{
+    let mut cmd = ctr_command_at(socket, args)?;
+    run_command_with_input(&mut cmd, input, Duration::from_secs(60))
+}
+
+/// The command `ctr --address SOCKET ARGS`, not started, with the environment variables that
+/// would override the address, namespace or snapshotter removed and `TZ=UTC` (ctr prints and
+/// computes times, such as lease expiries, in local time). For tests that drive ctr's standard
+/// input themselves or kill it.
+pub fn ctr_command_at<I, S>(socket: &Path, args: I) -> Result<Command>
+where
+    I: IntoIterator<Item = S>,
+    S: AsRef<OsStr>,
+{
     let mut cmd = Command::new(ctr_binary()?);
     cmd.arg("--address")
         .arg(socket)
         .args(args)
         .env_remove("CONTAINERD_NAMESPACE")
         .env_remove("CONTAINERD_ADDRESS")
-        .env_remove("CONTAINERD_SNAPSHOTTER");
-    run_command(&mut cmd, Duration::from_secs(60))
+        .env_remove("CONTAINERD_SNAPSHOTTER")
+        .env("TZ", "UTC");
+    Ok(cmd)
 }
 
 /// A running (or stopped) daemon on private paths. See the crate documentation.
@@ -789,6 +910,54 @@ impl Daemon {
             );
         }
         out
+    }
+
+    /// Runs `ctr --address <socket> ARGS` with `input` on its standard input.
+    pub fn ctr_input<I, S>(&self, args: I, input: Input) -> CmdOutput
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<OsStr>,
+    {
+        match ctr_at_with_input(&self.socket, args, input) {
+            Ok(o) => o,
+            Err(e) => panic!("running ctr against {}: {e:#}", self.kind),
+        }
+    }
+
+    /// [`Daemon::ctr_input`] that panics with both streams (and the daemon's log tail) unless
+    /// ctr exits 0.
+    #[track_caller]
+    pub fn ctr_input_ok<I, S>(&self, args: I, input: Input) -> CmdOutput
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<OsStr>,
+    {
+        let out = self.ctr_input(args, input);
+        if !out.success() {
+            panic!(
+                "ctr against {} failed: {out}\n{}",
+                self.kind,
+                self.log_excerpt()
+            );
+        }
+        out
+    }
+
+    /// The command `ctr --address <socket> ARGS`, not started (see [`ctr_command_at`]).
+    pub fn ctr_command<I, S>(&self, args: I) -> Command
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<OsStr>,
+    {
+        match ctr_command_at(&self.socket, args) {
+            Ok(c) => c,
+            Err(e) => panic!("ctr for {}: {e:#}", self.kind),
+        }
+    }
+
+    /// The last lines of the daemon's log, for failure messages.
+    pub fn log_tail(&self) -> String {
+        self.log_excerpt()
     }
 
     /// A tonic channel over the daemon's socket.
