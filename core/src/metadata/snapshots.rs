@@ -323,8 +323,9 @@ impl Snapshotter for MetaSnapshotter {
         }
         let sequence = self.db.store.next_id()?;
         let backend_name = format!("{ns}/{sequence}/{name}");
-        let mut merged = active.labels.clone();
-        merged.extend(labels);
+        // As containerd: the committed snapshot has the labels given to Commit, not the
+        // active snapshot's.
+        let merged = labels;
         let _gc = self.db.gc_lock.read().await;
         self.backend
             .commit(
