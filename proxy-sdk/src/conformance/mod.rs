@@ -9,6 +9,7 @@
 use std::fmt;
 
 pub mod content;
+pub mod snapshotter;
 
 /// What a suite run did.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
