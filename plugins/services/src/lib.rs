@@ -1,13 +1,17 @@
 //! berth's basic gRPC service plugins (`io.containerd.grpc.v1.<id>`): version, introspection,
-//! namespaces, health, events, leases and content. Each is a thin adapter from containerd's wire API to the core.
+//! namespaces, health, events, leases, content and snapshots. Each is a thin adapter from containerd's wire API to the core.
 
 pub mod content;
+pub mod diff;
 pub mod events;
 pub mod health;
 pub mod images;
 pub mod introspection;
 pub mod leases;
 pub mod namespaces;
+pub mod snapshots;
+pub mod streaming;
+pub mod transfer;
 pub mod version;
 
 use berth_core::registry::Registration;
@@ -26,7 +30,13 @@ pub fn registrations() -> Vec<Registration> {
         events::registration(),
         leases::registration(),
         content::registration(),
+        snapshots::registration(),
+        diff::service_registration(),
+        diff::registration(),
         images::registration(),
+        streaming::manager_registration(),
+        streaming::registration(),
+        transfer::registration(),
         health::registration(),
     ]
 }
