@@ -6,6 +6,9 @@ cd "$(dirname "$0")/.."
 bash scripts/install-deps.sh
 
 cleanup() {
+  # Keep the tests' exit status: nothing below may turn a pass into a failure.
+  local status=$?
+  set +e +o pipefail
   # Daemons the integration harness started and did not stop (a crashed test).
   pkill -TERM -f '/tmp/berth-it' 2>/dev/null || true
   sleep 0.5
@@ -14,6 +17,7 @@ cleanup() {
   grep -o ' /tmp/berth-it[^ ]*' /proc/self/mounts 2>/dev/null | sort -r | while read -r m; do
     umount -l "$m" 2>/dev/null || true
   done
+  exit "$status"
 }
 trap cleanup EXIT
 
