@@ -16,7 +16,7 @@ use crate::filters::Filter;
 use crate::labels::{self, Labels};
 use crate::metadata::db::{Metadata, Mutation, lease_missing};
 use crate::metadata::{ObjectKind, WriteTxn};
-use crate::namespace::{Namespace, validate_identifier};
+use crate::namespace::Namespace;
 
 /// Label holding the RFC 3339 time after which a lease no longer protects anything.
 pub const LABEL_EXPIRE: &str = "containerd.io/gc.expire";
@@ -192,12 +192,13 @@ fn random_id() -> String {
 impl Metadata {
     /// Creates a lease; an empty id gets a random one. AlreadyExists if the id is taken.
     pub async fn create_lease(&self, ns: &Namespace, id: &str, labels: Labels) -> Result<Lease> {
+        // Any non-empty id goes, as in containerd: ctr's own random ids (`<nanos>-<base64>`)
+        // are not identifiers.
         let id = if id.is_empty() {
             random_id()
         } else {
             id.to_owned()
         };
-        validate_identifier(&id)?;
         labels::validate_all(&labels)?;
         let record = LeaseRecord {
             created_at: SystemTime::now(),

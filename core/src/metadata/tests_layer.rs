@@ -749,3 +749,14 @@ mod images {
         assert_eq!(left, [shared, other, m2].into_iter().collect());
     }
 }
+
+#[tokio::test]
+async fn lease_ids_are_any_text_as_ctr_makes_them() {
+    let f = fixture();
+    for id in ["852753814-_4GM", "a--b", "x/y"] {
+        f.metadata
+            .create_lease(&ns("a"), id, Labels::new())
+            .await
+            .unwrap_or_else(|e| panic!("{id}: {e}"));
+    }
+}
