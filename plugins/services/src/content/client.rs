@@ -400,7 +400,7 @@ impl ContentWriter for RemoteWriter {
                 .exchange(WriteContentRequest {
                     action: WriteAction::Write.into(),
                     offset: checked_offset(before, "offset")?,
-                    data: chunk.to_vec(),
+                    data: chunk.to_vec().into(),
                     ..Default::default()
                 })
                 .await?;
