@@ -17,13 +17,13 @@
 
 use std::time::SystemTime;
 
+use crate::call::{remote, with_headers};
 use berth_core::content::{
     ByteStream, CallContext, ContentStore, ContentWriter, Digest, Info, Status, WriterRequest,
 };
 use berth_core::error::{Error, ErrorKind, Result};
 use berth_core::filters::Filter;
 use berth_core::labels::Labels;
-use berth_core::namespace::{GRPC_HEADER, LEASE_HEADER};
 use berth_proto::containerd::services::content::v1::content_client;
 use berth_proto::containerd::services::content::v1::{
     AbortRequest, DeleteContentRequest, InfoRequest, ListContentRequest, ListStatusesRequest,
@@ -33,7 +33,6 @@ use berth_proto::containerd::services::content::v1::{
 use tokio::sync::mpsc;
 use tokio_stream::StreamExt as _;
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::metadata::AsciiMetadataValue;
 use tonic::transport::Channel;
 
 use super::{
@@ -65,28 +64,6 @@ impl ContentClient {
     fn client(&self) -> content_client::ContentClient<Channel> {
         self.inner.clone()
     }
-}
-
-/// `message` with the call's namespace and lease as headers.
-fn with_headers<T>(cx: &CallContext, message: T) -> Result<tonic::Request<T>> {
-    let mut request = tonic::Request::new(message);
-    if let Some(namespace) = &cx.namespace {
-        let value = AsciiMetadataValue::try_from(namespace.as_str()).map_err(|_| {
-            Error::invalid_argument(format!("namespace {namespace:?} is not valid header text"))
-        })?;
-        request.metadata_mut().insert(GRPC_HEADER, value);
-    }
-    if let Some(lease) = &cx.lease {
-        let value = AsciiMetadataValue::try_from(lease.as_str()).map_err(|_| {
-            Error::invalid_argument(format!("lease {lease:?} is not valid header text"))
-        })?;
-        request.metadata_mut().insert(LEASE_HEADER, value);
-    }
-    Ok(request)
-}
-
-fn remote(status: tonic::Status) -> Error {
-    Error::from_status(&status)
 }
 
 /// The service answered something that does not fit the protocol: its fault, not the caller's.

@@ -9,11 +9,11 @@
 //! `list` sends the filter's source strings and applies the parsed filter again to what comes
 //! back, so a remote that ignores filters still gives the right answer.
 
+use crate::call::{remote, with_headers};
 use berth_core::content::CallContext;
 use berth_core::error::{Error, Result};
 use berth_core::filters::Filter;
 use berth_core::labels::Labels;
-use berth_core::namespace::{GRPC_HEADER, LEASE_HEADER};
 use berth_core::snapshot::{Mount, SnapshotInfo, Snapshotter, Usage};
 use berth_proto::containerd::services::snapshots::v1::snapshots_client;
 use berth_proto::containerd::services::snapshots::v1::{
@@ -21,7 +21,6 @@ use berth_proto::containerd::services::snapshots::v1::{
     PrepareSnapshotRequest, RemoveSnapshotRequest, StatSnapshotRequest, UpdateSnapshotRequest,
     UsageRequest, ViewSnapshotRequest,
 };
-use tonic::metadata::AsciiMetadataValue;
 use tonic::transport::Channel;
 
 use super::{info_field, info_from_wire, info_to_wire, mount_from_wire};
@@ -55,28 +54,6 @@ impl SnapshotsClient {
     fn client(&self) -> snapshots_client::SnapshotsClient<Channel> {
         self.inner.clone()
     }
-}
-
-/// `message` with the call's namespace and lease as headers.
-fn with_headers<T>(cx: &CallContext, message: T) -> Result<tonic::Request<T>> {
-    let mut request = tonic::Request::new(message);
-    if let Some(namespace) = &cx.namespace {
-        let value = AsciiMetadataValue::try_from(namespace.as_str()).map_err(|_| {
-            Error::invalid_argument(format!("namespace {namespace:?} is not valid header text"))
-        })?;
-        request.metadata_mut().insert(GRPC_HEADER, value);
-    }
-    if let Some(lease) = &cx.lease {
-        let value = AsciiMetadataValue::try_from(lease.as_str()).map_err(|_| {
-            Error::invalid_argument(format!("lease {lease:?} is not valid header text"))
-        })?;
-        request.metadata_mut().insert(LEASE_HEADER, value);
-    }
-    Ok(request)
-}
-
-fn remote(status: tonic::Status) -> Error {
-    Error::from_status(&status)
 }
 
 /// The service answered something that does not fit the protocol: its fault.
