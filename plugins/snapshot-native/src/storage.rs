@@ -612,7 +612,17 @@ mod tests {
                 .expect("b");
             assert!(b.id > a.id);
         }
-        let s = SnapshotStore::open(&dir.path().join("meta")).expect("reopen");
+        // sled's background flusher can hold the file lock a moment after the store is
+        // dropped in the same process; a restarted daemon is a new process and never waits.
+        let mut reopened = SnapshotStore::open(&dir.path().join("meta"));
+        for _ in 0..40 {
+            if reopened.is_ok() {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+            reopened = SnapshotStore::open(&dir.path().join("meta"));
+        }
+        let s = reopened.expect("reopen");
         assert_eq!(s.get("a").expect("get").info.kind, SnapshotKind::View);
         let c = s
             .create(SnapshotKind::Active, "c", None, Labels::new(), ok)
