@@ -40,10 +40,6 @@ fn main() -> Result<(), Box<dyn Error>> {
     // full names; prost's `type_url()` always adds a leading `/`, so
     // `berth_proto::type_url` builds URLs from `Name::full_name()` instead.
     config.enable_type_names();
-    // Content written through the content service arrives in messages of about 1 MiB:
-    // decoded as `Bytes`, the payload is a view into tonic's receive buffer instead of a
-    // copy of it.
-    config.bytes([".containerd.services.content.v1.WriteContentRequest.data"]);
 
     tonic_prost_build::configure()
         .build_client(true)

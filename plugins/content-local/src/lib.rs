@@ -34,13 +34,6 @@
 //!   labels and `update` of a stored blob is FailedPrecondition ("immutable content store",
 //!   containerd's answer when it has no label store). `created_at` and `updated_at` are both
 //!   the commit time.
-//! - **Writes** are acknowledged once hashed and queued; a blocking task appends them to
-//!   the data file, so hashing, the file write and the client's next message overlap.
-//!   Truncate, commit and close wait for the queue, commit checks that the file holds
-//!   exactly the acknowledged bytes, and a failed append fails the writer's next operation
-//!   (see `LocalWriter` in `writer.rs`). Status reports the acknowledged offset while a
-//!   writer holds the ref. Long ingests start writeback as they go and keep only their last
-//!   few MiB in the page cache.
 //! - **Truncate** supports 0 only (start over); any other size is NotImplemented.
 //! - **Abort** removes an ingest even while a writer holds it (containerd does too); that
 //!   writer's commit then fails with NotFound.

@@ -13,7 +13,6 @@ use berth_core::content::{
 use berth_core::filters::Filter;
 use berth_core::labels::Labels;
 use berth_core::{Error, ErrorKind, Result};
-use tokio_stream::StreamExt as _;
 use tokio_stream::wrappers::ReceiverStream;
 
 use crate::files::{blocking, io_error, sync_dir};
@@ -120,15 +119,6 @@ fn status_fields(status: &Status) -> impl Fn(&[String]) -> Option<String> + '_ {
     }
 }
 
-/// `status` with the offset its writer acknowledged, when a writer of this store holds it:
-/// the data file may not have caught up yet (see [`crate::writer`]).
-fn held_offset(locks: &RefLocks, mut status: Status) -> Status {
-    if let Some(offset) = locks.offset(&status.reference) {
-        status.offset = offset;
-    }
-    status
-}
-
 /// Every blob under `blobs/`, skipping anything that is not `<algorithm>/<hex>`.
 fn walk_blobs(layout: &Layout, filter: &Filter) -> Result<Vec<Info>> {
     let mut out = Vec::new();
@@ -187,15 +177,6 @@ fn open_for_read(layout: &Layout, digest: &Digest, offset: u64) -> Result<(File,
     Ok((file, len))
 }
 
-/// Reads `file[offset..end]`, at most [`CHUNK`] bytes of it.
-fn read_chunk(file: &File, path: &Path, offset: u64, end: u64) -> Result<Vec<u8>> {
-    let len = usize::try_from(end - offset).map_or(CHUNK, |left| left.min(CHUNK));
-    let mut buf = vec![0; len];
-    file.read_exact_at(&mut buf, offset)
-        .map_err(|e| io_error("read", path, e))?;
-    Ok(buf)
-}
-
 /// Sends `file[offset..end]` in chunks until done or until the reader goes away. The file is
 /// already open, so a delete meanwhile does not cut the read short.
 fn send_chunks(
@@ -206,9 +187,14 @@ fn send_chunks(
     tx: tokio::sync::mpsc::Sender<Result<Vec<u8>>>,
 ) {
     while offset < end {
-        let chunk = read_chunk(&file, &path, offset, end);
-        let len = chunk.as_ref().map_or(0, Vec::len);
-        if tx.blocking_send(chunk).is_err() || len == 0 {
+        let len = usize::try_from(end - offset).map_or(CHUNK, |left| left.min(CHUNK));
+        let mut buf = vec![0; len];
+        let chunk = file
+            .read_exact_at(&mut buf, offset)
+            .map(|()| buf)
+            .map_err(|e| io_error("read", &path, e));
+        let failed = chunk.is_err();
+        if tx.blocking_send(chunk).is_err() || failed {
             return;
         }
         offset += len as u64;
@@ -259,43 +245,19 @@ impl ContentStore for LocalStore {
     ) -> Result<ByteStream> {
         let (layout, digest) = (self.layout.clone(), digest.clone());
         let path = layout.blob(&digest);
-        // The first chunk is read in the same trip to the blocking pool as the open. Most
-        // reads fit in it (containerd's ReaderAt asks for 32 KiB at a time, one Read call
-        // each), so they cost one blocking task instead of two plus a channel, and the
-        // response is ready in one piece when the server starts sending it.
-        let (file, first, end) = blocking({
-            let path = path.clone();
-            move || {
-                let (file, len) = open_for_read(&layout, &digest, offset)?;
-                let end = size.map_or(len, |size| offset.saturating_add(size).min(len));
-                let first = if offset < end {
-                    read_chunk(&file, &path, offset, end)?
-                } else {
-                    Vec::new()
-                };
-                Ok((file, first, end))
-            }
-        })
-        .await?;
-        let next = offset + first.len() as u64;
-        if next >= end {
-            let first = Some(first).filter(|chunk| !chunk.is_empty()).map(Ok);
-            return Ok(Box::pin(tokio_stream::iter(first)));
-        }
+        let (file, len) = blocking(move || open_for_read(&layout, &digest, offset)).await?;
+        let end = size.map_or(len, |size| offset.saturating_add(size).min(len));
         // Two chunks of read-ahead overlap the disk with the consumer (usually the network).
         let (tx, rx) = tokio::sync::mpsc::channel(2);
-        tokio::task::spawn_blocking(move || send_chunks(file, path, next, end, tx));
-        Ok(Box::pin(
-            tokio_stream::once(Ok(first)).chain(ReceiverStream::new(rx)),
-        ))
+        tokio::task::spawn_blocking(move || send_chunks(file, path, offset, end, tx));
+        Ok(Box::pin(ReceiverStream::new(rx)))
     }
 
     async fn status(&self, _cx: &CallContext, reference: &str) -> Result<Status> {
         let (layout, reference) = (self.layout.clone(), reference.to_owned());
-        let locks = Arc::clone(&self.locks);
         blocking(
             move || match layout::read_status(&layout.ingest(&reference))? {
-                Some(status) if status.reference == reference => Ok(held_offset(&locks, status)),
+                Some(status) if status.reference == reference => Ok(status),
                 _ => Err(ingest_not_found(&reference)),
             },
         )
@@ -304,7 +266,6 @@ impl ContentStore for LocalStore {
 
     async fn list_statuses(&self, _cx: &CallContext, filter: &Filter) -> Result<Vec<Status>> {
         let (layout, filter) = (self.layout.clone(), filter.clone());
-        let locks = Arc::clone(&self.locks);
         blocking(move || {
             let ingests = layout.ingests();
             let entries = match fs::read_dir(&ingests) {
@@ -317,7 +278,7 @@ impl ContentStore for LocalStore {
                 let dir = entry.map_err(|e| io_error("list", &ingests, e))?.path();
                 match layout::read_status(&dir) {
                     Ok(Some(status)) if filter.matches(&status_fields(&status)) => {
-                        out.push(held_offset(&locks, status))
+                        out.push(status)
                     }
                     Ok(_) => {}
                     // One damaged ingest must not hide the others (`ctr content active`).

@@ -125,7 +125,7 @@ fn write(offset: i64, data: &[u8]) -> WriteContentRequest {
     WriteContentRequest {
         action: WriteAction::Write.into(),
         offset,
-        data: data.to_vec().into(),
+        data: data.to_vec(),
         ..Default::default()
     }
 }
@@ -307,7 +307,7 @@ async fn exactly_one_reply_per_request_and_commit_ends_the_stream() {
 
     let expected = Digest::sha256_of(b"abcdefghi");
     let mut last = commit(6, 9, &expected.to_string());
-    last.data = b"ghi".to_vec().into();
+    last.data = b"ghi".to_vec();
     last.labels = [("k".to_owned(), "v".to_owned())].into();
     let reply = session.send(last).await.expect("commit");
     assert_eq!(reply.action, i32::from(WriteAction::Commit));
@@ -923,7 +923,7 @@ async fn one_commit_message_can_carry_a_whole_blob() {
     let digest = Digest::sha256_of(b"all at once");
     let mut only = commit(0, 11, &digest.to_string());
     only.r#ref = "oneshot".into();
-    only.data = b"all at once".to_vec().into();
+    only.data = b"all at once".to_vec();
     let reply = session.send(only).await.expect("commit");
     assert_eq!((reply.offset, reply.total), (11, 11));
     assert_eq!(reply.digest, digest.to_string());

@@ -377,7 +377,7 @@ impl ContentWriter for RemoteWriter {
                 .exchange(WriteContentRequest {
                     action: WriteAction::Write.into(),
                     offset: checked_offset(before, "offset")?,
-                    data: chunk.to_vec().into(),
+                    data: chunk.to_vec(),
                     ..Default::default()
                 })
                 .await?;
