@@ -543,7 +543,13 @@ fn content_grpc_protocol(kind: Kind) {
             match api::abort_ingest(&ch, ns, "ab").await {
                 Ok(()) => break,
                 // The server may still hold the lock of the stream that just ended.
-                Err(e) if e.code() == Code::Unavailable && Instant::now() < deadline => {
+                // containerd 1.6 can race its own writer's close and answer Unknown
+                // "directory not empty"; retry that too.
+                Err(e)
+                    if (e.code() == Code::Unavailable
+                        || (e.code() == Code::Unknown && e.message().contains("not empty")))
+                        && Instant::now() < deadline =>
+                {
                     tokio::time::sleep(Duration::from_millis(10)).await
                 }
                 Err(e) => panic!("Abort ab: {e:?}"),
