@@ -3,8 +3,11 @@
 #   protobuf-compiler  protoc for proto/ code generation
 #   containerd         ctr (the compatibility client) and containerd (the reference daemon)
 #   runc               the OCI runtime
+#   busybox-static     the root file system of the test images
+#   umoci skopeo       pack test images into OCI layouts, OCI archives and Docker archives
+#   zstd xz-utils      compress test archives
 set -euo pipefail
-packages=(protobuf-compiler containerd runc)
+packages=(protobuf-compiler containerd runc busybox-static umoci skopeo zstd xz-utils)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
