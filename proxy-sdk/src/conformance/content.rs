@@ -49,7 +49,7 @@ use berth_core::labels::Labels;
 use berth_core::{Error, ErrorKind, Result};
 use tokio_stream::StreamExt;
 
-use super::{CaseFailure, Report, SuiteFailure};
+use super::{Outcome, Report, SuiteFailure, run_guarded, run_suite};
 
 /// What an implementation does that others legitimately do not. Build it with
 /// `Capabilities { labels: true, ..Capabilities::default() }`, so new flags default to off.
@@ -131,28 +131,7 @@ pub async fn run_cases<F: ContentStoreFactory>(
 ) -> std::result::Result<Report, SuiteFailure> {
     let factory = Arc::new(factory);
     let caps = factory.capabilities();
-    let mut report = Report::default();
-    let mut failures = Vec::new();
-    for &name in names {
-        let outcome = run_case(&factory, caps, name).await;
-        match outcome {
-            Ok(Outcome::Passed) => report.passed.push(name),
-            Ok(Outcome::Skipped(why)) => report.skipped.push((name, why)),
-            Err(message) => failures.push(CaseFailure {
-                case: name,
-                message,
-            }),
-        }
-    }
-    if failures.is_empty() {
-        Ok(report)
-    } else {
-        Err(SuiteFailure {
-            suite: "content",
-            failures,
-            report,
-        })
-    }
+    run_suite("content", names, |name| run_case(&factory, caps, name)).await
 }
 
 macro_rules! ensure {
@@ -190,26 +169,7 @@ async fn run_case<F: ContentStoreFactory>(
         caps,
         fixture,
     };
-    // Its own task, so a panicking store (or case) is reported as this case's failure.
-    match tokio::spawn(tokio::time::timeout(CASE_TIMEOUT, case(env))).await {
-        Ok(Ok(result)) => result,
-        Ok(Err(_)) => Err(format!("did not finish within {CASE_TIMEOUT:?}")),
-        Err(join) if join.is_panic() => {
-            let payload = join.into_panic();
-            let text = payload
-                .downcast_ref::<&str>()
-                .map(|s| (*s).to_owned())
-                .or_else(|| payload.downcast_ref::<String>().cloned())
-                .unwrap_or_else(|| "non-text panic".to_owned());
-            Err(format!("panicked: {text}"))
-        }
-        Err(join) => Err(format!("case task failed: {join}")),
-    }
-}
-
-enum Outcome {
-    Passed,
-    Skipped(String),
+    run_guarded(CASE_TIMEOUT, case(env)).await?
 }
 
 type CaseResult = std::result::Result<Outcome, String>;

@@ -7,6 +7,8 @@
 //! each on a fresh instance, and reports all failures by case name.
 
 use std::fmt;
+use std::future::Future;
+use std::time::Duration;
 
 pub mod content;
 pub mod snapshotter;
@@ -58,3 +60,68 @@ impl fmt::Display for SuiteFailure {
 }
 
 impl std::error::Error for SuiteFailure {}
+
+/// How a case ended when it did not fail.
+pub(crate) enum Outcome {
+    Passed,
+    Skipped(String),
+}
+
+/// Runs `case` for every name in order and gathers the outcomes into a report, or into a
+/// failure naming every failed case. Skips are printed: a skipped case must never read as
+/// a pass.
+pub(crate) async fn run_suite<Fut>(
+    suite: &'static str,
+    names: &[&'static str],
+    mut case: impl FnMut(&'static str) -> Fut,
+) -> Result<Report, SuiteFailure>
+where
+    Fut: Future<Output = Result<Outcome, String>>,
+{
+    let mut report = Report::default();
+    let mut failures = Vec::new();
+    for &name in names {
+        match case(name).await {
+            Ok(Outcome::Passed) => report.passed.push(name),
+            Ok(Outcome::Skipped(why)) => {
+                eprintln!("{suite} conformance: SKIPPED case `{name}`: {why}");
+                report.skipped.push((name, why));
+            }
+            Err(message) => failures.push(CaseFailure {
+                case: name,
+                message,
+            }),
+        }
+    }
+    if failures.is_empty() {
+        Ok(report)
+    } else {
+        Err(SuiteFailure {
+            suite,
+            failures,
+            report,
+        })
+    }
+}
+
+/// Runs one case body on its own task, so a panicking implementation (or case) and a hung
+/// one are reported as that case's failure instead of taking the suite down.
+pub(crate) async fn run_guarded<T: Send + 'static>(
+    limit: Duration,
+    body: impl Future<Output = T> + Send + 'static,
+) -> Result<T, String> {
+    match tokio::spawn(tokio::time::timeout(limit, body)).await {
+        Ok(Ok(result)) => Ok(result),
+        Ok(Err(_)) => Err(format!("did not finish within {limit:?}")),
+        Err(join) if join.is_panic() => {
+            let payload = join.into_panic();
+            let text = payload
+                .downcast_ref::<&str>()
+                .map(|s| (*s).to_owned())
+                .or_else(|| payload.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "non-text panic".to_owned());
+            Err(format!("panicked: {text}"))
+        }
+        Err(join) => Err(format!("case task failed: {join}")),
+    }
+}

@@ -61,7 +61,7 @@ use berth_core::labels::Labels;
 use berth_core::snapshot::{Mount, SnapshotInfo, SnapshotKind, Snapshotter, Usage};
 use berth_core::{Error, ErrorKind, Result};
 
-use super::{CaseFailure, Report, SuiteFailure};
+use super::{Outcome, Report, SuiteFailure, run_guarded, run_suite};
 use mount::MountError;
 use tree::{Op, Tree, chown, dir, file, remove};
 
@@ -152,31 +152,7 @@ pub async fn run_cases<F: SnapshotterFactory>(
 ) -> std::result::Result<Report, SuiteFailure> {
     let factory = Arc::new(factory);
     let caps = factory.capabilities();
-    let mut report = Report::default();
-    let mut failures = Vec::new();
-    for &name in names {
-        match run_case(&factory, caps, name).await {
-            Ok(Outcome::Passed) => report.passed.push(name),
-            Ok(Outcome::Skipped(why)) => {
-                // Loud on purpose: a skipped case must never read as a pass.
-                eprintln!("snapshotter conformance: SKIPPED case `{name}`: {why}");
-                report.skipped.push((name, why));
-            }
-            Err(message) => failures.push(CaseFailure {
-                case: name,
-                message,
-            }),
-        }
-    }
-    if failures.is_empty() {
-        Ok(report)
-    } else {
-        Err(SuiteFailure {
-            suite: "snapshotter",
-            failures,
-            report,
-        })
-    }
+    run_suite("snapshotter", names, |name| run_case(&factory, caps, name)).await
 }
 
 /// The cases that mount: skipped when [`Capabilities::mountable`] is off or the process
@@ -219,11 +195,6 @@ const CASE_TIMEOUT: Duration = Duration::from_secs(300);
 
 /// Clocks are coarse: time windows are widened by this much.
 const SLACK: Duration = Duration::from_millis(100);
-
-enum Outcome {
-    Passed,
-    Skipped(String),
-}
 
 /// Why a case stopped early.
 enum Stop {
@@ -272,23 +243,7 @@ async fn run_case<F: SnapshotterFactory>(
         work: Arc::new(work),
         seq: Arc::new(AtomicUsize::new(0)),
     };
-    // Its own task, so a panicking snapshotter (or case) is reported as this case's failure.
-    let outcome = match tokio::spawn(tokio::time::timeout(CASE_TIMEOUT, case(env))).await {
-        Ok(Ok(result)) => result,
-        Ok(Err(_)) => Err(Stop::Fail(format!(
-            "did not finish within {CASE_TIMEOUT:?}"
-        ))),
-        Err(join) if join.is_panic() => {
-            let payload = join.into_panic();
-            let text = payload
-                .downcast_ref::<&str>()
-                .map(|s| (*s).to_owned())
-                .or_else(|| payload.downcast_ref::<String>().cloned())
-                .unwrap_or_else(|| "non-text panic".to_owned());
-            Err(Stop::Fail(format!("panicked: {text}")))
-        }
-        Err(join) => Err(Stop::Fail(format!("case task failed: {join}"))),
-    };
+    let outcome = run_guarded(CASE_TIMEOUT, case(env)).await?;
     match outcome {
         Ok(o) => Ok(o),
         Err(Stop::Skip(why)) => Ok(Outcome::Skipped(why)),
