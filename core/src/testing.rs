@@ -1,26 +1,27 @@
 //! Test doubles for the core's plugin kinds: explicit, never picked by `cfg!(test)` in
 //! production code.
 //!
-//! [`MemoryContentStore`] keeps blobs and ingests in memory and follows the content contract
-//! (one writer per ref, verification at commit, AlreadyExists), so the metadata layer and the
-//! gRPC adapters can be tested without a file system.
+//! [`MemoryContentStore`] keeps blobs (with labels) and ingests in memory and follows the
+//! content contract: one writer per ref (a second gets Unavailable), the ingest kept on close,
+//! size and digest verified at commit (FailedPrecondition), AlreadyExists for a blob that is
+//! there, OutOfRange for a read past the end. It records the [`CallContext`] of every call so
+//! adapter tests can see what reached the store, and can be told to keep a dropped writer's
+//! ref locked, so a test notices an adapter that forgets to close or commit one.
 
 use std::collections::BTreeMap;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::SystemTime;
 
 use crate::content::{
-    Algorithm, ByteStream, CallContext, ContentStore, ContentWriter, Digest, Digester, Info,
-    Status, WriterRequest,
+    ByteStream, CallContext, ContentStore, ContentWriter, Digest, Info, Status, WriterRequest,
 };
 use crate::error::{Error, ErrorKind, Result};
 use crate::filters::Filter;
 use crate::labels::Labels;
 
-#[derive(Default)]
-struct State {
-    blobs: BTreeMap<Digest, (Vec<u8>, SystemTime)>,
-    ingests: BTreeMap<String, Ingest>,
+struct Blob {
+    data: Vec<u8>,
+    info: Info,
 }
 
 struct Ingest {
@@ -32,7 +33,18 @@ struct Ingest {
     locked: bool,
 }
 
-/// An in-memory content store.
+#[derive(Default)]
+struct State {
+    blobs: BTreeMap<Digest, Blob>,
+    ingests: BTreeMap<String, Ingest>,
+    calls: Vec<(&'static str, CallContext)>,
+    /// Chunk size of read streams; 0 means the whole range in one chunk.
+    read_chunk: usize,
+    /// Whether dropping a writer without close or commit leaves its ref locked.
+    keep_dropped_locked: bool,
+}
+
+/// The in-memory store; clones share their state.
 #[derive(Clone, Default)]
 pub struct MemoryContentStore {
     state: Arc<Mutex<State>>,
@@ -44,8 +56,26 @@ impl MemoryContentStore {
         Self::default()
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+    fn lock(&self) -> MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn record(&self, call: &'static str, cx: &CallContext) -> MutexGuard<'_, State> {
+        let mut state = self.lock();
+        state.calls.push((call, cx.clone()));
+        state
+    }
+
+    /// Read streams yield chunks of `size` bytes (0: one chunk).
+    pub fn set_read_chunk(&self, size: usize) {
+        self.lock().read_chunk = size;
+    }
+
+    /// Leaves the ref of a writer dropped without `close` or `commit` locked, as a store
+    /// whose client vanished would until it notices; adapter tests use this to catch a
+    /// forgotten release. By default a drop releases the ref.
+    pub fn keep_dropped_writers_locked(&self) {
+        self.lock().keep_dropped_locked = true;
     }
 
     /// Digests of every stored blob (for tests that look behind the metadata layer).
@@ -56,6 +86,46 @@ impl MemoryContentStore {
     /// References of every ingest.
     pub fn ingest_refs(&self) -> Vec<String> {
         self.lock().ingests.keys().cloned().collect()
+    }
+
+    /// Every call so far: the method name and its context.
+    pub fn calls(&self) -> Vec<(&'static str, CallContext)> {
+        self.lock().calls.clone()
+    }
+
+    /// Stores `data` directly (test setup), returning its digest.
+    pub fn insert(&self, data: &[u8], labels: Labels) -> Digest {
+        let digest = Digest::sha256_of(data);
+        let now = SystemTime::now();
+        self.lock().blobs.insert(
+            digest.clone(),
+            Blob {
+                data: data.to_vec(),
+                info: Info {
+                    digest: digest.clone(),
+                    size: data.len() as u64,
+                    created_at: now,
+                    updated_at: now,
+                    labels,
+                },
+            },
+        );
+        digest
+    }
+
+    /// The stored bytes of `digest`, if any.
+    pub fn blob(&self, digest: &Digest) -> Option<Vec<u8>> {
+        self.lock().blobs.get(digest).map(|b| b.data.clone())
+    }
+
+    /// Number of stored blobs.
+    pub fn blob_count(&self) -> usize {
+        self.lock().blobs.len()
+    }
+
+    /// Whether the ingest `reference` is held by a writer.
+    pub fn is_locked(&self, reference: &str) -> bool {
+        self.lock().ingests.get(reference).is_some_and(|i| i.locked)
     }
 }
 
@@ -70,98 +140,120 @@ fn status_of(reference: &str, ingest: &Ingest) -> Status {
     }
 }
 
+fn info_field(info: &Info, path: &[String]) -> Option<String> {
+    match path.first().map(String::as_str)? {
+        "digest" => Some(info.digest.to_string()),
+        "size" => Some(info.size.to_string()),
+        "labels" => info.labels.get(&path[1..].join(".")).cloned(),
+        _ => None,
+    }
+}
+
 #[async_trait::async_trait]
 impl ContentStore for MemoryContentStore {
-    async fn info(&self, _cx: &CallContext, digest: &Digest) -> Result<Info> {
-        let state = self.lock();
-        let (data, at) = state
+    async fn info(&self, cx: &CallContext, digest: &Digest) -> Result<Info> {
+        let state = self.record("info", cx);
+        state
             .blobs
             .get(digest)
-            .ok_or_else(|| Error::not_found(format!("content digest {digest}")))?;
-        Ok(Info {
-            digest: digest.clone(),
-            size: data.len() as u64,
-            created_at: *at,
-            updated_at: *at,
-            labels: Labels::new(),
-        })
+            .map(|b| b.info.clone())
+            .ok_or_else(|| Error::not_found(format!("content {digest}")))
     }
 
-    async fn update(&self, cx: &CallContext, info: Info, _fieldpaths: &[String]) -> Result<Info> {
-        self.info(cx, &info.digest).await
+    async fn update(&self, cx: &CallContext, info: Info, fieldpaths: &[String]) -> Result<Info> {
+        let mut state = self.record("update", cx);
+        let blob = state
+            .blobs
+            .get_mut(&info.digest)
+            .ok_or_else(|| Error::not_found(format!("content {}", info.digest)))?;
+        let mut labels = blob.info.labels.clone();
+        if fieldpaths.is_empty() {
+            labels = info.labels.clone();
+        }
+        for path in fieldpaths {
+            if path == "labels" {
+                labels = info.labels.clone();
+            } else if let Some(key) = path.strip_prefix("labels.") {
+                match info.labels.get(key) {
+                    Some(v) if !v.is_empty() => {
+                        labels.insert(key.to_owned(), v.clone());
+                    }
+                    _ => {
+                        labels.remove(key);
+                    }
+                }
+            } else {
+                return Err(Error::invalid_argument(format!(
+                    "cannot update {path:?}: only labels can change"
+                )));
+            }
+        }
+        blob.info.labels = labels;
+        blob.info.updated_at = SystemTime::now();
+        Ok(blob.info.clone())
     }
 
-    async fn list(&self, _cx: &CallContext, filter: &Filter) -> Result<Vec<Info>> {
-        let state = self.lock();
+    async fn list(&self, cx: &CallContext, filter: &Filter) -> Result<Vec<Info>> {
+        let state = self.record("list", cx);
         Ok(state
             .blobs
-            .iter()
-            .map(|(digest, (data, at))| Info {
-                digest: digest.clone(),
-                size: data.len() as u64,
-                created_at: *at,
-                updated_at: *at,
-                labels: Labels::new(),
-            })
-            .filter(|info| {
-                filter.matches(&|path: &[String]| match path.first().map(String::as_str) {
-                    Some("digest") => Some(info.digest.to_string()),
-                    Some("size") => Some(info.size.to_string()),
-                    _ => None,
-                })
-            })
+            .values()
+            .filter(|b| filter.matches(&|path: &[String]| info_field(&b.info, path)))
+            .map(|b| b.info.clone())
             .collect())
     }
 
-    async fn delete(&self, _cx: &CallContext, digest: &Digest) -> Result<()> {
-        self.lock()
+    async fn delete(&self, cx: &CallContext, digest: &Digest) -> Result<()> {
+        let mut state = self.record("delete", cx);
+        state
             .blobs
             .remove(digest)
             .map(|_| ())
-            .ok_or_else(|| Error::not_found(format!("content digest {digest}")))
+            .ok_or_else(|| Error::not_found(format!("content {digest}")))
     }
 
     async fn read(
         &self,
-        _cx: &CallContext,
+        cx: &CallContext,
         digest: &Digest,
         offset: u64,
         size: Option<u64>,
     ) -> Result<ByteStream> {
-        let data = {
-            let state = self.lock();
-            let (data, _) = state
-                .blobs
-                .get(digest)
-                .ok_or_else(|| Error::not_found(format!("content digest {digest}")))?;
-            let len = data.len() as u64;
-            if offset > len {
-                return Err(Error::new(
-                    ErrorKind::OutOfRange,
-                    format!("offset {offset} is past the end of {digest} ({len} bytes)"),
-                ));
-            }
-            let end = size.map_or(len, |s| (offset + s).min(len));
-            data[offset as usize..end as usize].to_vec()
-        };
-        Ok(Box::pin(tokio_stream::iter(
-            data.chunks(64 * 1024)
+        let state = self.record("read", cx);
+        let blob = state
+            .blobs
+            .get(digest)
+            .ok_or_else(|| Error::not_found(format!("content {digest}")))?;
+        let len = blob.data.len() as u64;
+        if offset > len {
+            return Err(Error::new(
+                ErrorKind::OutOfRange,
+                format!("offset {offset} past {len}"),
+            ));
+        }
+        let end = size.map_or(len, |s| (offset + s).min(len));
+        let data = blob.data[offset as usize..end as usize].to_vec();
+        let chunks: Vec<Result<Vec<u8>>> = if state.read_chunk == 0 {
+            vec![Ok(data)]
+        } else {
+            data.chunks(state.read_chunk)
                 .map(|c| Ok(c.to_vec()))
-                .collect::<Vec<_>>(),
-        )))
+                .collect()
+        };
+        Ok(Box::pin(tokio_stream::iter(chunks)))
     }
 
-    async fn status(&self, _cx: &CallContext, reference: &str) -> Result<Status> {
-        let state = self.lock();
+    async fn status(&self, cx: &CallContext, reference: &str) -> Result<Status> {
+        let state = self.record("status", cx);
         state
             .ingests
             .get(reference)
             .map(|i| status_of(reference, i))
-            .ok_or_else(|| Error::not_found(format!("reference {reference:?}")))
+            .ok_or_else(|| Error::not_found(format!("ingest {reference:?}")))
     }
 
-    async fn list_statuses(&self, _cx: &CallContext, filter: &Filter) -> Result<Vec<Status>> {
-        let state = self.lock();
+    async fn list_statuses(&self, cx: &CallContext, filter: &Filter) -> Result<Vec<Status>> {
+        let state = self.record("list_statuses", cx);
         Ok(state
             .ingests
             .iter()
@@ -169,26 +261,31 @@ impl ContentStore for MemoryContentStore {
             .filter(|s| {
                 filter.matches(&|path: &[String]| match path.first().map(String::as_str) {
                     Some("ref") => Some(s.reference.clone()),
+                    Some("expected") => s.expected.as_ref().map(Digest::to_string),
                     _ => None,
                 })
             })
             .collect())
     }
 
-    async fn abort(&self, _cx: &CallContext, reference: &str) -> Result<()> {
-        self.lock()
+    async fn abort(&self, cx: &CallContext, reference: &str) -> Result<()> {
+        let mut state = self.record("abort", cx);
+        state
             .ingests
             .remove(reference)
             .map(|_| ())
-            .ok_or_else(|| Error::not_found(format!("reference {reference:?}")))
+            .ok_or_else(|| Error::not_found(format!("ingest {reference:?}")))
     }
 
     async fn writer(
         &self,
-        _cx: &CallContext,
+        cx: &CallContext,
         request: WriterRequest,
     ) -> Result<Box<dyn ContentWriter>> {
-        let mut state = self.lock();
+        let mut state = self.record("writer", cx);
+        if request.reference.is_empty() {
+            return Err(Error::invalid_argument("ref must not be empty"));
+        }
         if let Some(expected) = &request.expected
             && state.blobs.contains_key(expected)
         {
@@ -209,128 +306,135 @@ impl ContentStore for MemoryContentStore {
         if ingest.locked {
             return Err(Error::new(
                 ErrorKind::Unavailable,
-                format!("ref {:?} locked", request.reference),
+                format!("ref {:?} is locked", request.reference),
             ));
         }
         ingest.locked = true;
-        let mut digester = Digester::new(Algorithm::Sha256);
-        digester.update(&ingest.data);
+        if request.total > 0 {
+            ingest.total = request.total;
+        }
         Ok(Box::new(MemoryWriter {
             store: self.clone(),
             reference: request.reference,
-            digester,
             open: true,
         }))
     }
 }
 
+/// A writer: bytes go straight into the shared ingest.
 struct MemoryWriter {
     store: MemoryContentStore,
     reference: String,
-    digester: Digester,
+    /// Still holds the ref (neither closed nor committed).
     open: bool,
-}
-
-impl MemoryWriter {
-    fn with_ingest<T>(&self, f: impl FnOnce(&mut Ingest) -> T) -> Result<T> {
-        let mut state = self.store.lock();
-        let ingest = state
-            .ingests
-            .get_mut(&self.reference)
-            .ok_or_else(|| Error::not_found(format!("reference {:?}", self.reference)))?;
-        Ok(f(ingest))
-    }
-
-    fn release(&mut self) {
-        if self.open {
-            self.open = false;
-            let _ = self.with_ingest(|i| i.locked = false);
-        }
-    }
 }
 
 impl Drop for MemoryWriter {
     fn drop(&mut self) {
-        self.release();
+        if self.open && !self.store.lock().keep_dropped_locked {
+            self.with_ingest(|i| i.locked = false);
+        }
+    }
+}
+
+impl MemoryWriter {
+    fn with_ingest<T>(&self, f: impl FnOnce(&mut Ingest) -> T) -> T {
+        let mut state = self.store.lock();
+        match state.ingests.get_mut(&self.reference) {
+            Some(ingest) => f(ingest),
+            // An abort from elsewhere: behave as an empty ingest.
+            None => f(&mut Ingest {
+                data: Vec::new(),
+                total: 0,
+                expected: None,
+                started_at: SystemTime::UNIX_EPOCH,
+                updated_at: SystemTime::UNIX_EPOCH,
+                locked: true,
+            }),
+        }
     }
 }
 
 #[async_trait::async_trait]
 impl ContentWriter for MemoryWriter {
     fn status(&self) -> Status {
-        let state = self.store.lock();
-        match state.ingests.get(&self.reference) {
-            Some(i) => status_of(&self.reference, i),
-            None => Status {
-                reference: self.reference.clone(),
-                offset: 0,
-                total: 0,
-                expected: None,
-                started_at: SystemTime::now(),
-                updated_at: SystemTime::now(),
-            },
-        }
+        self.with_ingest(|i| status_of(&self.reference, i))
     }
 
     fn digest(&self) -> Digest {
-        self.digester.digest()
+        self.with_ingest(|i| Digest::sha256_of(&i.data))
     }
 
     async fn write(&mut self, data: &[u8]) -> Result<()> {
-        self.digester.update(data);
         self.with_ingest(|i| {
             i.data.extend_from_slice(data);
             i.updated_at = SystemTime::now();
-        })
+        });
+        Ok(())
     }
 
     async fn truncate(&mut self, size: u64) -> Result<()> {
         if size != 0 {
-            return Err(Error::invalid_argument("truncate only supports 0"));
+            return Err(Error::invalid_argument("only truncate(0) is supported"));
         }
-        self.digester = Digester::new(Algorithm::Sha256);
-        self.with_ingest(|i| i.data.clear())
+        self.with_ingest(|i| i.data.clear());
+        Ok(())
     }
 
     async fn commit(
         mut self: Box<Self>,
         size: u64,
         expected: Option<Digest>,
-        _labels: Labels,
+        labels: Labels,
     ) -> Result<()> {
-        let digest = self.digester.digest();
         let mut state = self.store.lock();
         let ingest = state
             .ingests
-            .get(&self.reference)
-            .ok_or_else(|| Error::not_found(format!("reference {:?}", self.reference)))?;
+            .get_mut(&self.reference)
+            .ok_or_else(|| Error::not_found(format!("ingest {:?}", self.reference)))?;
+        // Whatever happens next, this writer is done with the ref.
+        ingest.locked = false;
+        self.open = false;
+        let actual = Digest::sha256_of(&ingest.data);
         let len = ingest.data.len() as u64;
         if size != 0 && size != len {
             return Err(Error::failed_precondition(format!(
                 "unexpected commit size {len}, expected {size}"
             )));
         }
-        if let Some(expected) = expected
-            && expected != digest
+        if let Some(expected) = &expected
+            && *expected != actual
         {
             return Err(Error::failed_precondition(format!(
-                "unexpected commit digest {digest}, expected {expected}"
+                "unexpected commit digest {actual}, expected {expected}"
             )));
         }
-        let ingest = state
-            .ingests
-            .remove(&self.reference)
-            .ok_or_else(|| Error::internal("ingest vanished"))?;
-        self.open = false;
-        if state.blobs.contains_key(&digest) {
-            return Err(Error::already_exists(format!("content {digest}")));
+        let Some(ingest) = state.ingests.remove(&self.reference) else {
+            return Err(Error::internal("ingest vanished"));
+        };
+        if state.blobs.contains_key(&actual) {
+            return Err(Error::already_exists(format!("content {actual}")));
         }
-        state.blobs.insert(digest, (ingest.data, SystemTime::now()));
+        let now = SystemTime::now();
+        state.blobs.insert(
+            actual.clone(),
+            Blob {
+                data: ingest.data,
+                info: Info {
+                    digest: actual,
+                    size: len,
+                    created_at: now,
+                    updated_at: now,
+                    labels,
+                },
+            },
+        );
         Ok(())
     }
 
     async fn close(mut self: Box<Self>) -> Result<()> {
-        self.release();
+        self.open = false;
+        self.with_ingest(|i| i.locked = false);
         Ok(())
     }
 }

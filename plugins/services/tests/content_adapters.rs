@@ -12,11 +12,11 @@ use berth_core::error::{Classify, ErrorKind};
 use berth_core::filters::Filter;
 use berth_core::labels::Labels;
 use berth_core::namespace::{GRPC_HEADER, LEASE_HEADER, Namespace};
+use berth_core::testing::MemoryContentStore as MemoryStore;
 use berth_proto::containerd::services::content::v1 as wire;
 use berth_proto::containerd::services::content::v1::content_client::ContentClient as RawClient;
 use berth_proto::containerd::services::content::v1::{WriteAction, WriteContentRequest};
 use berth_services::content::{ContentClient, LIST_BATCH, READ_CHUNK};
-use testing::memory_content::MemoryStore;
 use testing::serving::Served;
 use tokio::sync::mpsc;
 use tokio_stream::StreamExt as _;
@@ -32,6 +32,8 @@ struct Server {
 impl Server {
     async fn start() -> Server {
         let store = MemoryStore::new();
+        // A dropped writer must be released by the adapter, not by the store's Drop.
+        store.keep_dropped_writers_locked();
         let served = Served::start(Arc::new(store.clone()));
         Server { store, served }
     }

@@ -1,7 +1,7 @@
-//! Test doubles and harness shared by this crate's content tests.
+//! Harness shared by this crate's content tests (the in-memory store is
+//! `berth_core::testing::MemoryContentStore`).
 
 // Each test crate compiles this module and uses only part of it.
 #![allow(dead_code)]
 
-pub mod memory_content;
 pub mod serving;
