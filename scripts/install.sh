@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
-# Installs what berth needs, builds berthd, and starts it on its embedded default config
+# Installs what berth needs, builds berthd and the berth CLI, and starts it on its embedded default config
 # (root /var/lib/berth, state /run/berth, socket /run/berth/berthd.sock). Needs root.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install-deps.sh
-cargo build --release -p berthd
+cargo build --release -p berthd -p berth-cli
 install -m 0755 target/release/berthd /usr/local/bin/berthd
+install -m 0755 target/release/berth /usr/local/bin/berth
 sock=/run/berth/berthd.sock
 if ctr --address "$sock" version >/dev/null 2>&1; then
   echo "berthd already answers on $sock; restart it to run the new build"
