@@ -360,6 +360,9 @@ pub async fn send_bytes<R: AsyncRead + Unpin>(stream: Stream, mut source: R) -> 
     } = stream;
     let credit = Arc::new(Semaphore::new(0));
     let granted = Arc::clone(&credit);
+    // Set when the client stops sending: credit it granted before still counts (it may have
+    // half-closed after its last update), but a send that needs more can never proceed.
+    let (done_tx, mut done) = tokio::sync::watch::channel(false);
     let updates = tokio::spawn(async move {
         while let Some(message) = incoming.next().await {
             match message {
@@ -378,6 +381,7 @@ pub async fn send_bytes<R: AsyncRead + Unpin>(stream: Stream, mut source: R) -> 
                 }
             }
         }
+        let _ = done_tx.send(true);
     });
     let mut buf = vec![0u8; MAX_DATA];
     let result = async {
@@ -388,11 +392,12 @@ pub async fn send_bytes<R: AsyncRead + Unpin>(stream: Stream, mut source: R) -> 
             if n == 0 {
                 return Ok(());
             }
-            credit
-                .acquire_many(n as u32)
-                .await
-                .map_err(|_| gone(&id))?
-                .forget();
+            let permit = tokio::select! {
+                biased;
+                permit = credit.acquire_many(n as u32) => permit.map_err(|_| gone(&id))?,
+                _ = done.wait_for(|ended| *ended) => return Err(gone(&id)),
+            };
+            permit.forget();
             let data = type_url::to_any(&Data {
                 data: buf[..n].to_vec(),
             });
@@ -402,4 +407,52 @@ pub async fn send_bytes<R: AsyncRead + Unpin>(stream: Stream, mut source: R) -> 
     .await;
     updates.abort();
     result
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use berth_core::error::Classify;
+
+    fn update(n: i32) -> Result<Any, tonic::Status> {
+        Ok(type_url::to_any(&WindowUpdate { update: n }))
+    }
+
+    /// A stream whose client sends `grants` and then closes its sending side; what the
+    /// service sends lands in the returned receiver.
+    fn half_closed(grants: Vec<i32>) -> (Stream, mpsc::Receiver<Result<Any, tonic::Status>>) {
+        let (tx, rx) = mpsc::channel(64);
+        let incoming: Incoming = Box::pin(tokio_stream::iter(
+            grants.into_iter().map(update).collect::<Vec<_>>(),
+        ));
+        (Stream::new("s", incoming, tx), rx)
+    }
+
+    #[tokio::test]
+    async fn a_half_closed_client_with_too_little_credit_fails_instead_of_hanging() {
+        let (stream, _rx) = half_closed(vec![10]);
+        let sent = tokio::time::timeout(
+            std::time::Duration::from_secs(10),
+            send_bytes(stream, &[7u8; 100][..]),
+        )
+        .await
+        .expect("send_bytes must not wait for credit that can never come");
+        let err = sent.expect_err("100 bytes do not fit in 10 bytes of credit");
+        assert_eq!(err.kind(), ErrorKind::Unavailable, "{err}");
+    }
+
+    #[tokio::test]
+    async fn credit_granted_before_a_half_close_is_still_used() {
+        let (stream, mut rx) = half_closed(vec![60, 40]);
+        send_bytes(stream, &[7u8; 100][..])
+            .await
+            .expect("100 bytes fit in the 100 bytes granted");
+        let mut got = 0;
+        while let Ok(Some(Ok(any))) =
+            tokio::time::timeout(std::time::Duration::from_millis(100), rx.recv()).await
+        {
+            got += type_url::from_any::<Data>(&any).expect("data").data.len();
+        }
+        assert_eq!(got, 100);
+    }
 }

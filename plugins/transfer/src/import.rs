@@ -192,11 +192,54 @@ where
         namespace: Some(ns.clone()),
         lease: Some(lease.id.clone()),
     };
+    let mut guard = LeaseGuard {
+        metadata: Some(Arc::clone(&stores.metadata)),
+        ns,
+        id: lease.id,
+    };
     let result = work(leased).await;
-    if let Err(e) = stores.metadata.delete_lease(&ns, &lease.id, false).await {
-        tracing::warn!(lease = %lease.id, error = %e, "cannot delete the transfer's lease");
-    }
+    guard.release().await;
     result
+}
+
+/// Deletes a transfer's own lease when the transfer ends, also when its future is dropped
+/// half-way (a client that cancels an import): otherwise what it wrote would be protected
+/// until the lease expired, a day later.
+struct LeaseGuard {
+    metadata: Option<Arc<Metadata>>,
+    ns: berth_core::namespace::Namespace,
+    id: String,
+}
+
+impl LeaseGuard {
+    async fn release(&mut self) {
+        if let Some(metadata) = self.metadata.take() {
+            delete_lease(&metadata, &self.ns, &self.id).await;
+        }
+    }
+}
+
+async fn delete_lease(metadata: &Metadata, ns: &berth_core::namespace::Namespace, id: &str) {
+    if let Err(e) = metadata.delete_lease(ns, id, false).await {
+        tracing::warn!(lease = %id, error = %e, "cannot delete the transfer's lease");
+    }
+}
+
+impl Drop for LeaseGuard {
+    fn drop(&mut self) {
+        let Some(metadata) = self.metadata.take() else {
+            return;
+        };
+        let (ns, id) = (self.ns.clone(), std::mem::take(&mut self.id));
+        match tokio::runtime::Handle::try_current() {
+            Ok(runtime) => {
+                runtime.spawn(async move { delete_lease(&metadata, &ns, &id).await });
+            }
+            Err(_) => {
+                tracing::warn!(lease = %id, "transfer cancelled outside a runtime: its lease stays until it expires")
+            }
+        }
+    }
 }
 
 /// Imports an archive read from `source` (see the module documentation).

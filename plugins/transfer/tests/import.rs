@@ -624,3 +624,42 @@ async fn progress_reports_blobs_and_images() {
         again.names()
     );
 }
+
+/// A client that goes away mid-import drops the import's future: the transfer's own lease
+/// must go with it, or what it wrote stays protected from GC for a day.
+#[tokio::test]
+async fn a_cancelled_import_drops_its_lease() {
+    use tokio_stream::StreamExt as _;
+    let f = Fixture::new();
+    let archive = oci_archive_of(&image(), NAME, "1");
+    let half = archive[..archive.len() / 2].to_vec();
+    // Half the archive, then a client that never sends more and never closes.
+    let stalled: berth_core::content::ByteStream =
+        Box::pin(source(half).chain(tokio_stream::pending()));
+    let cx = f.cx("ns");
+    let options = options(only(amd64()));
+    let import = import::import(&f.stores, &cx, stalled, &options, &[], &NoProgress);
+    tokio::time::timeout(std::time::Duration::from_millis(300), import)
+        .await
+        .expect_err("the import waits for the rest of the archive");
+    // The lease is deleted by a task the dropped import spawned.
+    let mut leases = Vec::new();
+    for _ in 0..100 {
+        leases = f
+            .metadata
+            .list_leases(&f.ns("ns"), &Default::default())
+            .expect("list leases");
+        if leases.is_empty() {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    assert!(leases.is_empty(), "leases left: {leases:?}");
+    f.gc().await;
+    assert!(
+        f.backend.digests().is_empty(),
+        "GC left {:?}",
+        f.backend.digests()
+    );
+    assert!(f.image_names("ns").is_empty());
+}
