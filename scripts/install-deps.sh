@@ -6,8 +6,10 @@
 #   busybox-static     the root file system of the test images
 #   umoci skopeo       pack test images into OCI layouts, OCI archives and Docker archives
 #   zstd xz-utils      compress test archives
+#   docker-registry    the registry the pull and push tests start on loopback
+#   apache2-utils      htpasswd for the registry's basic-auth tests
 set -euo pipefail
-packages=(protobuf-compiler containerd runc busybox-static umoci skopeo zstd xz-utils)
+packages=(protobuf-compiler containerd runc busybox-static umoci skopeo zstd xz-utils docker-registry apache2-utils)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
