@@ -57,6 +57,8 @@ pub use nix;
 pub use tonic;
 
 pub mod api;
+pub mod images;
+pub mod tree;
 
 /// The gRPC metadata key carrying the namespace of a namespaced call.
 pub const NAMESPACE_HEADER: &str = "containerd-namespace";
@@ -116,10 +118,21 @@ pub fn workspace_root() -> PathBuf {
 /// Locates the `berthd` binary: `$BERTHD`, else `<target>/<profile>/berthd` where `<target>` is
 /// `$CARGO_TARGET_DIR` or `<workspace>/target`.
 pub fn berthd_binary(profile: Profile) -> Result<PathBuf> {
-    if let Some(p) = std::env::var_os("BERTHD") {
+    workspace_binary("berthd", "BERTHD", "berthd", profile)
+}
+
+/// Locates the `berth` CLI: `$BERTH`, else `<target>/debug/berth` (as [`berthd_binary`]).
+pub fn berth_binary() -> Result<PathBuf> {
+    workspace_binary("berth", "BERTH", "berth-cli", Profile::Debug)
+}
+
+/// A binary of this workspace: `$<env>` if set, else `<target>/<profile>/<name>`; a missing
+/// one is an error that says how to build it (package `package`).
+fn workspace_binary(name: &str, env: &str, package: &str, profile: Profile) -> Result<PathBuf> {
+    if let Some(p) = std::env::var_os(env) {
         let p = PathBuf::from(p);
         if !p.is_file() {
-            bail!("BERTHD={} does not exist", p.display());
+            bail!("{env}={} does not exist", p.display());
         }
         return Ok(p);
     }
@@ -131,14 +144,15 @@ pub fn berthd_binary(profile: Profile) -> Result<PathBuf> {
     } else {
         target
     };
-    let p = target.join(profile.dir()).join("berthd");
+    let p = target.join(profile.dir()).join(name);
     if !p.is_file() {
-        let build = match profile {
-            Profile::Debug => "cargo build -p berthd",
-            Profile::Release => "cargo build --release -p berthd",
+        let release = match profile {
+            Profile::Debug => "",
+            Profile::Release => "--release ",
         };
         bail!(
-            "berthd binary not found at {} (and $BERTHD is not set): build it with `{build}`",
+            "{name} binary not found at {} (and ${env} is not set): build it with \
+             `cargo build {release}-p {package}`",
             p.display()
         );
     }

@@ -1,6 +1,6 @@
 //! The apply loop: reading entries, creating them beneath the root, whiteouts, metadata.
 
-use std::cell::Cell;
+use std::cell::{Cell, RefCell};
 use std::collections::HashSet;
 use std::fs::File;
 use std::io::{self, BufReader, Read, Write};
@@ -74,6 +74,7 @@ pub fn apply<R: Read>(reader: R, root: &Path, options: &ApplyOptions) -> Result<
         state: state.clone(),
         compression,
         kept: HashSet::new(),
+        symlinks: HashSet::new(),
         dirs: Vec::new(),
         ignored: Ignored::default(),
         file_bytes: 0,
@@ -88,7 +89,9 @@ pub fn apply<R: Read>(reader: R, root: &Path, options: &ApplyOptions) -> Result<
             .map_err(|e| applier.stream_error(e, &Place::Start))?;
         loop {
             // Everything read until the parser hands out the next entry is header data.
-            state.header_start.set(Some(state.pos.get()));
+            let header_start = state.pos.get();
+            state.headers.borrow_mut().clear();
+            state.header_start.set(Some(header_start));
             let next = entries.next();
             state.header_start.set(None);
             let mut entry = match next {
@@ -101,7 +104,10 @@ pub fn apply<R: Read>(reader: R, root: &Path, options: &ApplyOptions) -> Result<
             };
             let raw = entry.path_bytes().into_owned();
             let name = show(&raw);
-            applier.entry(&mut entry, &raw, &name)?;
+            let headers = state.headers.take();
+            let headers = EntryHeaders::parse(&headers, header_start)
+                .map_err(|reason| Error::refused(&name, reason))?;
+            applier.entry(&mut entry, &raw, &name, &headers)?;
             // Data of entries that have none for us (a directory with a size) is skipped
             // here rather than inside the parser, so it never counts as header data.
             io::copy(&mut entry, &mut io::sink())
@@ -154,6 +160,10 @@ struct StreamState {
     headers_hit: Cell<bool>,
     /// The caller's reader failed.
     source_failed: Cell<bool>,
+    /// The bytes the parser read for the current entry's headers (bounded by
+    /// [`MAX_ENTRY_HEADER_BYTES`]): its PAX records are parsed from them again, see
+    /// [`EntryHeaders::parse`].
+    headers: RefCell<Vec<u8>>,
 }
 
 /// The caller's reader, remembering whether it failed: the decoders and the tar parser wrap
@@ -199,6 +209,9 @@ impl<R: Read> Read for Meter<R> {
         }
         self.state.pos.set(pos);
         self.digester.update(&buf[..n]);
+        if self.state.header_start.get().is_some() {
+            self.state.headers.borrow_mut().extend_from_slice(&buf[..n]);
+        }
         Ok(n)
     }
 }
@@ -261,6 +274,8 @@ struct Applier<'o> {
     compression: Compression,
     /// Paths this layer created, and their ancestors: what an opaque marker keeps.
     kept: HashSet<Vec<u8>>,
+    /// Symlinks this layer created: whiteouts below them are ignored (see `entry`).
+    symlinks: HashSet<Vec<u8>>,
     dirs: Vec<DirTimes>,
     ignored: Ignored,
     /// Regular file bytes written, bounded like the stream (sparse entries can expand).
@@ -297,6 +312,7 @@ impl Applier<'_> {
         entry: &mut tar::Entry<'_, R>,
         raw: &[u8],
         name: &str,
+        headers: &EntryHeaders,
     ) -> Result<()> {
         let header = entry.header();
         let kind = match header.entry_type() {
@@ -333,7 +349,7 @@ impl Applier<'_> {
             tracing::debug!(entry = name, "entry resolves to the root: ignored");
             return Ok(());
         };
-        let meta = read_meta(entry, name)?;
+        let meta = read_meta(entry, name, headers)?;
         let (parents, base) = split(&rel);
 
         // Check whiteout names before creating anything for them.
@@ -348,9 +364,28 @@ impl Applier<'_> {
             ));
         }
 
-        self.tree
-            .walk(&parents, Some(&self.inherit))
-            .map_err(|e| walk_error(name, "parent directory", &e, &parents))?;
+        if let Err(e) = self.tree.walk(&parents, Some(&self.inherit)) {
+            // A whiteout (or opaque marker) below a symlink this layer created names nothing:
+            // the symlink replaced whatever the lower layers had at that path. umoci writes
+            // such entries when a directory becomes a symlink (the symlink, then whiteouts of
+            // the directory's old entries). containerd resolves the symlink and removes, or
+            // on overlayfs whites out, the name in its target directory, which never held it
+            // here; ignoring the entry gives the same tree without acting through a symlink.
+            // Below a symlink of an earlier layer it is refused like any other entry.
+            let own_symlink = match e {
+                WalkError::Symlink { at } => self.symlinks.contains(&parents[..=at].join(&b'/')),
+                _ => false,
+            };
+            if whiteout.is_some() && own_symlink {
+                tracing::debug!(
+                    entry = name,
+                    "whiteout below a symlink ignored: {}",
+                    e.describe(&parents)
+                );
+                return Ok(());
+            }
+            return Err(walk_error(name, "parent directory", &e, &parents));
+        }
 
         if let Some(target) = whiteout {
             if base == OPAQUE_WHITEOUT.as_bytes() {
@@ -362,7 +397,10 @@ impl Applier<'_> {
         match kind {
             Kind::Dir => self.directory(&rel, base, &meta, name)?,
             Kind::File => self.file(entry, base, &meta, name)?,
-            Kind::Symlink => self.symlink(entry, base, &meta, name)?,
+            Kind::Symlink => {
+                self.symlink(entry, base, &meta, name)?;
+                self.symlinks.insert(rel.clone());
+            }
             Kind::HardLink => self.hard_link(entry, base, &meta, name)?,
             Kind::Char | Kind::Block | Kind::Fifo => {
                 self.special(entry.header(), kind, base, &meta, name)?
@@ -858,17 +896,34 @@ fn walk_error(name: &str, what: &str, err: &WalkError, comps: &[&[u8]]) -> Error
     }
 }
 
-/// Reads owner, mode, times and xattrs from the header and PAX records.
-fn read_meta<R: Read>(entry: &mut tar::Entry<'_, R>, name: &str) -> Result<Meta> {
+/// Reads owner, mode, times and xattrs from the header and the entry's PAX records (as
+/// [`EntryHeaders::parse`] read them).
+fn read_meta<R: Read>(
+    entry: &mut tar::Entry<'_, R>,
+    name: &str,
+    headers: &EntryHeaders,
+) -> Result<Meta> {
     let bad = |field: &str, e: io::Error| Error::refused(name, format!("invalid {field}: {e}"));
-    let header = entry.header();
+    headers.check_parser_agrees(entry, name)?;
+    let pax = headers.pax.as_slice();
+    // The header as read, before the parser copied (its reading of) PAX ids into it.
+    let header = headers.header.as_ref().unwrap_or(entry.header());
     let id = |field: &str, value: io::Result<u64>| {
         let value = value.map_err(|e| bad(field, e))?;
         u32::try_from(value)
             .map_err(|_| Error::refused(name, format!("{field} {value} does not fit in 32 bits")))
     };
-    let uid = id("uid", header.uid())?;
-    let gid = id("gid", header.gid())?;
+    // As Go's reader: a PAX uid or gid replaces the header's.
+    let pax_id = |key: &[u8]| {
+        last_record(pax, key).map(|v| {
+            std::str::from_utf8(v)
+                .ok()
+                .and_then(|v| v.parse::<u64>().ok())
+                .ok_or_else(|| io::Error::other(format!("PAX value {:?}", show(v))))
+        })
+    };
+    let uid = id("uid", pax_id(b"uid").unwrap_or_else(|| header.uid()))?;
+    let gid = id("gid", pax_id(b"gid").unwrap_or_else(|| header.gid()))?;
     let mode = header.mode().map_err(|e| bad("mode", e))? & 0o7777;
     let mtime = header.mtime().map_err(|e| bad("mtime", e))?;
     let mut mtime = (i64::try_from(mtime).unwrap_or(i64::MAX), 0i64);
@@ -879,31 +934,25 @@ fn read_meta<R: Read>(entry: &mut tar::Entry<'_, R>, name: &str) -> Result<Meta>
         .and_then(|gnu| gnu.atime().ok())
         .map(|t| (i64::try_from(t).unwrap_or(i64::MAX), 0i64));
 
-    let mut xattrs = Vec::new();
-    if let Some(records) = entry.pax_extensions().map_err(|e| bad("PAX header", e))? {
-        for record in records {
-            let record = record.map_err(|e| bad("PAX record", e))?;
-            let key = record.key_bytes();
-            if key == b"mtime" {
-                mtime = pax_time(record.value_bytes())
-                    .ok_or_else(|| Error::refused(name, "invalid PAX mtime"))?;
-            } else if key == b"atime" {
-                atime = Some(
-                    pax_time(record.value_bytes())
-                        .ok_or_else(|| Error::refused(name, "invalid PAX atime"))?,
-                );
-            } else if let Some(xattr) = key.strip_prefix(b"SCHILY.xattr.") {
-                if xattr.is_empty() || xattr.contains(&0) {
-                    return Err(Error::refused(name, "invalid xattr name in PAX record"));
-                }
-                xattrs.push((xattr.to_vec(), record.value_bytes().to_vec()));
-            } else if key.starts_with(b"GNU.sparse.") {
-                // PAX sparse formats would be written out as their raw map: refuse them.
-                return Err(Error::refused(
-                    name,
-                    "PAX (GNU 0.x/1.0) sparse files are not supported",
-                ));
+    let mut xattrs: Vec<(Vec<u8>, Vec<u8>)> = Vec::new();
+    for (key, value) in pax {
+        if key == b"mtime" {
+            mtime = pax_time(value).ok_or_else(|| Error::refused(name, "invalid PAX mtime"))?;
+        } else if key == b"atime" {
+            atime = Some(pax_time(value).ok_or_else(|| Error::refused(name, "invalid PAX atime"))?);
+        } else if let Some(xattr) = key.strip_prefix(b"SCHILY.xattr.") {
+            if xattr.is_empty() || xattr.contains(&0) {
+                return Err(Error::refused(name, "invalid xattr name in PAX record"));
             }
+            // A repeated record replaces the earlier one, as in Go's record map.
+            xattrs.retain(|(k, _)| k != xattr);
+            xattrs.push((xattr.to_vec(), value.clone()));
+        } else if key.starts_with(b"GNU.sparse.") {
+            // PAX sparse formats would be written out as their raw map: refuse them.
+            return Err(Error::refused(
+                name,
+                "PAX (GNU 0.x/1.0) sparse files are not supported",
+            ));
         }
     }
     let mtime = bound_time(mtime);
@@ -916,6 +965,187 @@ fn read_meta<R: Read>(entry: &mut tar::Entry<'_, R>, name: &str) -> Result<Meta>
         mtime: TimeSpec::new(mtime.0, mtime.1),
         xattrs,
     })
+}
+
+/// One PAX record: key and value, as bytes.
+type PaxRecord = (Vec<u8>, Vec<u8>);
+
+/// The tar block size.
+const BLOCK: usize = 512;
+
+/// What the parser read before handing out an entry, read again: see [`EntryHeaders::parse`].
+struct EntryHeaders {
+    /// The entry's PAX records, in order.
+    pax: Vec<PaxRecord>,
+    /// A GNU long name member came before the entry.
+    long_name: bool,
+    /// A GNU long link member came before the entry.
+    long_link: bool,
+    /// The entry's own header block, unmodified.
+    header: Option<tar::Header>,
+}
+
+impl EntryHeaders {
+    /// Walks the bytes the parser consumed for one entry (`headers`, from uncompressed offset
+    /// `start`, where the previous entry's data ended) as the parser walks them: padding up
+    /// to the next block, then any GNU long name (`L`), long link (`K`) and PAX (`x`) members
+    /// of a recognised (ustar or GNU) header, each with its data, then the entry's header.
+    ///
+    /// The `tar` crate splits PAX data at every newline, so it misreads a record whose value
+    /// holds one (binary xattr values such as `security.capability` can): it refuses the
+    /// record, it stops looking for `size`, `uid` and `gid` records there, and it would take
+    /// a `path` or `linkpath` record forged inside such a value. Go's reader, and so
+    /// containerd, reads each record by its length; so does [`parse_pax`], and the entry's
+    /// owner, times and xattrs come from those records and the unmodified header.
+    /// [`EntryHeaders::check_parser_agrees`] refuses an entry whose path, link or size the
+    /// parser took differently.
+    fn parse(headers: &[u8], start: u64) -> std::result::Result<EntryHeaders, String> {
+        let mut at = (BLOCK - (start % BLOCK as u64) as usize) % BLOCK;
+        let mut out = EntryHeaders {
+            pax: Vec::new(),
+            long_name: false,
+            long_link: false,
+            header: None,
+        };
+        let mut pax: Option<&[u8]> = None;
+        while let Some(block) = headers.get(at..at + BLOCK) {
+            at += BLOCK;
+            let magic = &block[257..265];
+            let recognised = magic == b"ustar\x0000" || magic == b"ustar  \x00";
+            let flag = block[156];
+            if !(recognised && matches!(flag, b'L' | b'K' | b'x')) {
+                let mut header = tar::Header::new_old();
+                header.as_mut_bytes().copy_from_slice(block);
+                out.header = Some(header);
+                break;
+            }
+            let size = header_size(&block[124..136])
+                .ok_or_else(|| "invalid size in an extension header".to_owned())?;
+            let size =
+                usize::try_from(size).map_err(|_| "extension header too large".to_owned())?;
+            let data = headers
+                .get(at..at.saturating_add(size))
+                .ok_or_else(|| "extension header data ends early".to_owned())?;
+            match flag {
+                b'x' => pax = Some(data),
+                b'L' => out.long_name = true,
+                _ => out.long_link = true,
+            }
+            at = at.saturating_add(size.div_ceil(BLOCK) * BLOCK);
+        }
+        if let Some(data) = pax {
+            out.pax = parse_pax(data)?;
+        }
+        Ok(out)
+    }
+
+    /// Refuses an entry whose path, link target or size the `tar` crate did not take as Go's
+    /// reader does (PAX records first, then GNU long names, then the header): the layer would
+    /// mean something else here than in containerd.
+    fn check_parser_agrees<R: Read>(&self, entry: &tar::Entry<'_, R>, name: &str) -> Result<()> {
+        let Some(header) = &self.header else {
+            return Ok(());
+        };
+        let differs = |what: &str| {
+            Error::refused(
+                name,
+                format!(
+                    "the tar parser misread its {what} (a PAX record whose value holds a newline?)"
+                ),
+            )
+        };
+        let path = entry.path_bytes();
+        match last_record(&self.pax, b"path") {
+            Some(p) if *path != *p => return Err(differs("path")),
+            None if !self.long_name && *path != *header.path_bytes() => {
+                return Err(differs("path"));
+            }
+            _ => {}
+        }
+        let link = entry.link_name_bytes();
+        match last_record(&self.pax, b"linkpath") {
+            Some(l) if link.as_deref() != Some(l) => return Err(differs("link target")),
+            None if !self.long_link && link != header.link_name_bytes() => {
+                return Err(differs("link target"));
+            }
+            _ => {}
+        }
+        if header.entry_type() == EntryType::GNUSparse {
+            // The parser reports a GNU sparse file's expanded size; its own map sets that.
+            return Ok(());
+        }
+        let size = match last_record(&self.pax, b"size") {
+            Some(v) => std::str::from_utf8(v)
+                .ok()
+                .and_then(|v| v.parse::<u64>().ok())
+                .ok_or_else(|| Error::refused(name, "invalid PAX size"))?,
+            None => header
+                .entry_size()
+                .map_err(|e| Error::refused(name, format!("invalid size: {e}")))?,
+        };
+        if size != entry.size() {
+            return Err(differs("size"));
+        }
+        Ok(())
+    }
+}
+
+/// A header's size field: octal, or base-256 when its first byte has the top bit set.
+fn header_size(field: &[u8]) -> Option<u64> {
+    if field.first().is_some_and(|b| b & 0x80 != 0) {
+        let mut value = u64::from(field[0] & 0x7f);
+        for b in &field[1..] {
+            value = value.checked_mul(256)?.checked_add(u64::from(*b))?;
+        }
+        return Some(value);
+    }
+    let text = std::str::from_utf8(field).ok()?;
+    let text = text.trim_matches(|c| c == ' ' || c == '\0');
+    if text.is_empty() {
+        return Some(0);
+    }
+    u64::from_str_radix(text, 8).ok()
+}
+
+/// PAX records as Go's `archive/tar` reads them: `<length> <key>=<value>\n`, the length (in
+/// decimal, counting the whole record) deciding where the value ends, so values may hold
+/// newlines and NUL bytes (not those of `path`, `linkpath`, `uname` and `gname`).
+fn parse_pax(mut data: &[u8]) -> std::result::Result<Vec<PaxRecord>, String> {
+    let mut out = Vec::new();
+    while !data.is_empty() {
+        let bad = || format!("invalid PAX record {:?}", show(&data[..data.len().min(64)]));
+        let space = data.iter().position(|b| *b == b' ').ok_or_else(bad)?;
+        let digits = data[..space].strip_prefix(b"+").unwrap_or(&data[..space]);
+        if digits.is_empty() || !digits.iter().all(u8::is_ascii_digit) {
+            return Err(bad());
+        }
+        let len: usize = std::str::from_utf8(digits)
+            .ok()
+            .and_then(|d| d.parse().ok())
+            .ok_or_else(bad)?;
+        if len < 5 || len > data.len() || len <= space + 1 {
+            return Err(bad());
+        }
+        let (record, rest) = data.split_at(len);
+        let body = record[space + 1..].strip_suffix(b"\n").ok_or_else(bad)?;
+        let equals = body.iter().position(|b| *b == b'=').ok_or_else(bad)?;
+        let (key, value) = (&body[..equals], &body[equals + 1..]);
+        let nul_free = matches!(key, b"path" | b"linkpath" | b"uname" | b"gname");
+        if key.is_empty() || key.contains(&0) || (nul_free && value.contains(&0)) {
+            return Err(bad());
+        }
+        out.push((key.to_vec(), value.to_vec()));
+        data = rest;
+    }
+    Ok(out)
+}
+
+/// The value of the last record named `key` (later records replace earlier ones).
+fn last_record<'a>(pax: &'a [PaxRecord], key: &[u8]) -> Option<&'a [u8]> {
+    pax.iter()
+        .rev()
+        .find(|(k, _)| k == key)
+        .map(|(_, v)| v.as_slice())
 }
 
 /// A PAX time, `[-]seconds[.fraction]`, as seconds and nanoseconds (negative times are
@@ -959,6 +1189,201 @@ fn bound_time((secs, nanos): (i64, i64)) -> (i64, i64) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `<len> <key>=<value>\n`, the length counting itself.
+    fn record(key: &str, value: &[u8]) -> Vec<u8> {
+        let body = key.len() + value.len() + 3;
+        let mut len = body + 1;
+        while body + len.to_string().len() != len {
+            len = body + len.to_string().len();
+        }
+        let mut out = format!("{len} {key}=").into_bytes();
+        out.extend_from_slice(value);
+        out.push(b'\n');
+        out
+    }
+
+    /// A layer: a PAX member with `records`, then a 0644 file `f` owned by 0:0.
+    fn layer_with_pax(records: &[u8]) -> Vec<u8> {
+        let mut b = tar::Builder::new(Vec::new());
+        let mut x = tar::Header::new_ustar();
+        x.set_entry_type(EntryType::XHeader);
+        x.set_size(records.len() as u64);
+        x.set_mode(0o644);
+        b.append_data(&mut x, "PaxHeaders/f", records)
+            .expect("pax member");
+        let mut h = tar::Header::new_ustar();
+        h.set_entry_type(EntryType::Regular);
+        h.set_size(4);
+        h.set_mode(0o644);
+        h.set_uid(0);
+        h.set_gid(0);
+        h.set_mtime(1_700_000_000);
+        b.append_data(&mut h, "f", &b"data"[..]).expect("file");
+        b.into_inner().expect("tar")
+    }
+
+    /// umoci 0.4 writes a directory that became a symlink as the symlink followed by
+    /// whiteouts of the directory's old entries (the multilayer test image has one).
+    #[test]
+    fn whiteouts_below_a_symlink_are_ignored() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let root = dir.path();
+        std::fs::create_dir_all(root.join("d")).expect("d");
+        std::fs::write(root.join("d/x"), b"lower").expect("d/x");
+        std::fs::create_dir(root.join("target")).expect("target");
+        std::fs::write(root.join("target/x"), b"not the layer's").expect("target/x");
+        let header = |kind: EntryType, mode: u32| {
+            let mut h = tar::Header::new_ustar();
+            h.set_entry_type(kind);
+            h.set_mode(mode);
+            h.set_size(0);
+            h.set_uid(0);
+            h.set_gid(0);
+            h.set_mtime(1_700_000_000);
+            h
+        };
+        let mut b = tar::Builder::new(Vec::new());
+        b.append_link(&mut header(EntryType::Symlink, 0o777), "d", "target")
+            .expect("symlink");
+        for marker in ["d/.wh.x", "d/.wh..wh..opq"] {
+            b.append_data(
+                &mut header(EntryType::Regular, 0o644),
+                marker,
+                std::io::empty(),
+            )
+            .expect("whiteout");
+        }
+        let layer = b.into_inner().expect("tar");
+        for whiteouts in [Whiteouts::Remove, Whiteouts::Overlay] {
+            let options = ApplyOptions {
+                whiteouts,
+                ..ApplyOptions::default()
+            };
+            let report = apply(&layer[..], root, &options).expect("applied");
+            assert_eq!(report.entries, 3);
+            assert_eq!(
+                std::fs::read_link(root.join("d")).expect("symlink"),
+                Path::new("target")
+            );
+            assert_eq!(
+                std::fs::read(root.join("target/x")).expect("untouched"),
+                b"not the layer's"
+            );
+        }
+        // Below a symlink an earlier layer made, a whiteout is refused as any entry.
+        let mut b = tar::Builder::new(Vec::new());
+        b.append_data(
+            &mut header(EntryType::Regular, 0o644),
+            "d/.wh.x",
+            std::io::empty(),
+        )
+        .expect("whiteout");
+        let layer = b.into_inner().expect("tar");
+        let err = apply(&layer[..], root, &ApplyOptions::default()).expect_err("refused");
+        assert!(err.to_string().contains("is a symlink"), "{err}");
+        assert!(root.join("target/x").exists());
+    }
+
+    #[test]
+    fn pax_records_are_read_by_their_length() {
+        let mut data = record("SCHILY.xattr.user.bin", b"a\n\0b\n");
+        data.extend(record("path", b"dir/name with\nnewline"));
+        data.extend(record("mtime", b"1.5"));
+        let records = parse_pax(&data).expect("parse");
+        assert_eq!(
+            records,
+            vec![
+                (b"SCHILY.xattr.user.bin".to_vec(), b"a\n\0b\n".to_vec()),
+                (b"path".to_vec(), b"dir/name with\nnewline".to_vec()),
+                (b"mtime".to_vec(), b"1.5".to_vec()),
+            ]
+        );
+        assert_eq!(last_record(&records, b"mtime"), Some(&b"1.5"[..]));
+        assert_eq!(parse_pax(b"").expect("empty"), vec![]);
+        assert_eq!(
+            parse_pax(b"+9 a=bcd\n").expect("a sign, as Go's ParseInt"),
+            vec![(b"a".to_vec(), b"bcd".to_vec())]
+        );
+        for bad in [
+            &b"10 a=b\n"[..],  // longer than the data
+            b"6 a=bc\n",       // the length does not end at the newline
+            b"7 abcd\n",       // no '='
+            b"6 =ab\n",        // empty key
+            b"3 a\n",          // shorter than any record
+            b"x a=b\n",        // not a number
+            b"11 path=a\0b\n", // NUL in a path
+            b"7 a=bc\n\0\0",   // padding after the records
+        ] {
+            assert!(parse_pax(bad).is_err(), "{:?} parsed", show(bad));
+        }
+        assert!(parse_pax(&record("SCHILY.xattr.user.x", b"\0")).is_ok());
+    }
+
+    #[test]
+    fn header_sizes_are_octal_or_base_256() {
+        assert_eq!(header_size(b"00000001750\0"), Some(1000));
+        assert_eq!(header_size(b"     1750 \0\0"), Some(1000));
+        assert_eq!(header_size(b"\0\0\0\0\0\0\0\0\0\0\0\0"), Some(0));
+        let mut big = [0u8; 12];
+        big[0] = 0x80;
+        big[7] = 0x02;
+        assert_eq!(header_size(&big), Some(2 << 32));
+        assert_eq!(header_size(b"0000000019\0\0"), None);
+    }
+
+    /// A binary xattr value with a newline (the differential test's multilayer image has
+    /// one): the `tar` crate's record iterator refused the whole entry.
+    #[test]
+    fn xattr_values_with_newlines_are_applied() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        if let Err(e) = rustix::fs::setxattr(
+            dir.path(),
+            "user.probe",
+            b"1",
+            rustix::fs::XattrFlags::empty(),
+        ) {
+            eprintln!("SKIP: user xattrs unsupported in {:?}: {e}", dir.path());
+            return;
+        }
+        let value = b"\x00\x01\n\xff\n";
+        let layer = layer_with_pax(&record("SCHILY.xattr.user.bin", value));
+        let report = apply(&layer[..], dir.path(), &ApplyOptions::default()).expect("apply");
+        assert_eq!(report.ignored_xattr_count, 0);
+        let mut buf = [0u8; 64];
+        let n = rustix::fs::getxattr(dir.path().join("f"), "user.bin", &mut buf[..])
+            .expect("xattr set");
+        assert_eq!(&buf[..n], value);
+    }
+
+    /// Records hidden in a value, which the `tar` crate's newline splitting finds, never take
+    /// effect (a forged path refuses the entry); records after such a value, which it stops
+    /// reading at, do (a PAX uid).
+    #[test]
+    fn records_are_those_go_reads() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut value = b"x\n".to_vec();
+        value.extend(record("path", b"elsewhere"));
+        let layer = layer_with_pax(&record("SCHILY.xattr.user.v", &value));
+        let err = apply(&layer[..], dir.path(), &ApplyOptions::default()).expect_err("forged path");
+        assert!(
+            err.to_string().contains("misread its path"),
+            "unexpected error: {err}"
+        );
+        assert!(!dir.path().join("elsewhere").exists());
+
+        let mut records = record("SCHILY.xattr.user.v", b"x\ny");
+        records.extend(record("uid", b"4242"));
+        let layer = layer_with_pax(&records);
+        let mut archive = tar::Archive::new(&layer[..]);
+        let mut entries = archive.entries().expect("entries");
+        let mut entry = entries.next().expect("entry").expect("entry");
+        let headers = EntryHeaders::parse(&layer, 0).expect("headers");
+        assert_eq!(entry.header().uid().expect("uid"), 0, "the crate's reading");
+        let meta = read_meta(&mut entry, "f", &headers).expect("meta");
+        assert_eq!(meta.uid, 4242);
+        assert_eq!(meta.xattrs, vec![(b"user.v".to_vec(), b"x\ny".to_vec())]);
+    }
 
     #[test]
     fn pax_times_parse_like_go() {
