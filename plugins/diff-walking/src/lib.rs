@@ -36,7 +36,13 @@
 //!   directory opaque: everything in it that this layer did not add is removed, recursively
 //!   (a directory this layer added or wrote into is kept, but emptied of older contents). The
 //!   markers may come before or after the layer's own entries in that directory.
-//!   [`Whiteouts::Overlay`] writes overlayfs' form instead.
+//!   [`Whiteouts::Overlay`] writes overlayfs' form instead. A whiteout below a symlink that
+//!   the same layer created is ignored: umoci writes a directory turned symlink as the
+//!   symlink followed by whiteouts of the old directory's entries, which are already gone.
+//!   Below a symlink of an earlier layer it is refused as any path through a symlink.
+//! - PAX extended headers are parsed by record length, as Go's archive/tar does, so binary
+//!   xattr values may hold newlines; an entry whose path, link target or size the records
+//!   and the header disagree on is refused.
 //!
 //! # Safety
 //!
