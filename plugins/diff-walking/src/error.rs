@@ -6,7 +6,8 @@ use std::path::PathBuf;
 use berth_core::content::Digest;
 use berth_core::error::{Classify, ErrorKind};
 
-/// Why applying a layer failed. Every variant about a tar entry names it.
+/// Why applying a layer, or writing one from a diff, failed. Every variant about a tar entry
+/// or a file names it.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// A hostile, malformed or unsupported entry: `..` escaping the root, a path through a
@@ -100,6 +101,50 @@ pub enum Error {
         #[source]
         source: io::Error,
     },
+    /// Diffing: a file could not be read.
+    #[error("diff of {path:?}: {op}: {source}")]
+    Walk {
+        /// The path inside the tree (`.` for the root).
+        path: String,
+        /// What was being done (`list directory`, `read file`, ...).
+        op: String,
+        /// The system error.
+        #[source]
+        source: io::Error,
+    },
+    /// Diffing: a file changed while it was being read (a snapshot still in use).
+    #[error("diff of {path:?}: {reason}; diff a snapshot nothing is writing to")]
+    Changed {
+        /// The path inside the tree.
+        path: String,
+        /// What changed.
+        reason: String,
+    },
+    /// Diffing: a file has something a tar header cannot carry.
+    #[error("diff of {path:?}: {reason}")]
+    Unencodable {
+        /// The path inside the tree.
+        path: String,
+        /// What cannot be written.
+        reason: String,
+    },
+    /// Diffing: the layer could not be written out (compression, or the content store
+    /// stopped taking it).
+    #[error("writing the diff layer: {source}")]
+    Output {
+        /// The writer's error (a `berth_core::Error` inside keeps its kind).
+        #[source]
+        source: io::Error,
+    },
+    /// Diffing: a temporary mount could not be made.
+    #[error("{what}: {source}")]
+    Mount {
+        /// The mount, or the step, that failed.
+        what: String,
+        /// The system error.
+        #[source]
+        source: io::Error,
+    },
 }
 
 /// Result with this crate's [`Error`].
@@ -157,6 +202,19 @@ impl Classify for Error {
                 }
             }
             Error::Sync { source, .. } => errno_kind(source),
+            Error::Walk { source, .. } => errno_kind(source),
+            // Another writer raced the diff: retrying on a quiet snapshot works.
+            Error::Changed { .. } => ErrorKind::Aborted,
+            Error::Unencodable { .. } => ErrorKind::FailedPrecondition,
+            Error::Output { source } => source
+                .get_ref()
+                .and_then(|inner| inner.downcast_ref::<berth_core::Error>())
+                .map_or(ErrorKind::Internal, Classify::kind),
+            Error::Mount { source, .. } => match source.raw_os_error() {
+                Some(nix::libc::ENOENT) | Some(nix::libc::ENOTDIR) => ErrorKind::NotFound,
+                _ if source.kind() == io::ErrorKind::Unsupported => ErrorKind::NotImplemented,
+                _ => errno_kind(source),
+            },
         }
     }
 }

@@ -1,9 +1,12 @@
-//! The `walking` differ's layer applier: unpacks an OCI layer (a tar stream, plain or
-//! compressed with gzip, zstd or xz) into a directory, safely.
+//! The `walking` differ: unpacks an OCI layer (a tar stream, plain or compressed with gzip,
+//! zstd or xz) into a directory safely ([`apply`]), and writes the difference of two trees as
+//! a layer ([`write_diff`], see its module for the semantics).
 //!
-//! This crate is plain blocking file system code. The differ plugin mounts the snapshot,
-//! runs [`apply`] on a blocking thread, and checks [`ApplyReport::diff_id`] (or passes
-//! [`ApplyOptions::expected_diff_id`]) against the image config.
+//! Both are plain blocking file system code. The differ plugin ([`plugin`]) runs [`apply`] on
+//! a blocking thread and checks [`ApplyReport::diff_id`] (or passes
+//! [`ApplyOptions::expected_diff_id`]) against the image config; for Compare it mounts both
+//! sides read-only in a private mount namespace ([`compare`]) and streams the compressed
+//! [`write_diff`] output into the content store.
 //!
 //! # Semantics (containerd's `archive.Apply`)
 //!
@@ -65,10 +68,14 @@
 //! A failed apply leaves the directory partly written: the caller discards the snapshot.
 
 mod apply;
+mod changes;
+pub mod compare;
 mod compression;
 mod error;
+mod mount;
 mod path;
 pub mod plugin;
+mod tar_write;
 mod tree;
 
 use std::path::PathBuf;
@@ -76,6 +83,7 @@ use std::path::PathBuf;
 use berth_core::content::Digest;
 
 pub use apply::apply;
+pub use changes::{DiffReport, DiffWriteOptions, write_diff};
 pub use compression::{Compression, Decompressor, MAGIC_LEN, decompress};
 pub use error::{Error, Result};
 
