@@ -6,7 +6,9 @@
 //!   whiteouts in overlay form, missing parent directories copied from the lower dirs;
 //! - one `bind` mount: the layer goes into its source directory with whiteouts applied.
 //!
-//! Other mounts are NotImplemented, so the diff service tries the next differ. A layer whose
+//! Other mounts are NotImplemented, so the diff service tries the next differ. Beyond
+//! containerd, absolute entry names are refused, and on an overlay a path through a symlink
+//! of a lower layer is refused as it is on a merged tree. A layer whose
 //! uncompressed stream exceeds `max_uncompressed_bytes` (the plugin's config, 0 for no bound)
 //! is refused as InvalidArgument.
 //!
@@ -286,6 +288,9 @@ impl Differ for WalkingDiffer {
             parents,
             sync_fs: options.sync_fs,
             max_uncompressed_bytes: self.max_uncompressed_bytes,
+            // containerd joins an absolute name to the root; image builders never write
+            // one, so in a layer it is a sign of a hostile or broken archive (SPEC P5).
+            refuse_absolute_names: true,
             ..crate::ApplyOptions::default()
         };
         let layer = desc.digest.clone();

@@ -209,6 +209,13 @@ fn make_parent(
     inherit: &Inherit,
 ) -> Result<OwnedFd, WalkError> {
     let io = |errno| WalkError::Io { at, errno };
+    // Missing here but a symlink or a file in a lower layer: creating a directory would hide
+    // it, where applying onto the merged tree would refuse the path. Refuse it the same way.
+    match inherit.lower_kind(&comps[..=at]).map_err(io)? {
+        LowerKind::Symlink => return Err(WalkError::Symlink { at }),
+        LowerKind::Other => return Err(WalkError::NotDir { at }),
+        LowerKind::Directory | LowerKind::Absent => {}
+    }
     let name = comps[at];
     match mkdirat(dir, name, Mode::from_bits_truncate(0o755)) {
         // EEXIST: made concurrently; opening it below checks what it is.
@@ -223,6 +230,16 @@ fn make_parent(
         .copy_to(&comps[..=at], fd.as_fd())
         .map_err(|e| io(Errno::from_raw(e.raw_os_error().unwrap_or(nix::libc::EIO))))?;
     Ok(fd)
+}
+
+/// What a path is in the lower layers of an overlay upper directory.
+enum LowerKind {
+    Directory,
+    Symlink,
+    /// A file, device or fifo.
+    Other,
+    /// In no layer, or deleted by a whiteout.
+    Absent,
 }
 
 /// Lower layer directories whose attributes an implicitly created parent inherits.
@@ -249,6 +266,35 @@ impl Inherit {
             layers.push(fd);
         }
         Ok(Inherit { layers })
+    }
+
+    /// What `comps` is in the merged lower layers: the first layer that has an entry there
+    /// decides (an overlay whiteout, a 0/0 character device, means deleted).
+    fn lower_kind(&self, comps: &[&[u8]]) -> Result<LowerKind, Errno> {
+        let Some((name, parent)) = comps.split_last() else {
+            return Ok(LowerKind::Directory);
+        };
+        for layer in &self.layers {
+            let dir = match open_beneath(layer.as_fd(), parent, walk_flags()) {
+                Ok(dir) => dir,
+                // The parent chain is not a directory chain in this layer: the caller has
+                // already judged the parents, so this layer has nothing to say.
+                Err(WalkError::Missing { .. } | WalkError::Symlink { .. }) => continue,
+                Err(WalkError::NotDir { .. }) => continue,
+                Err(WalkError::Io { errno, .. }) => return Err(errno),
+            };
+            match lstat_at(dir.as_fd(), name) {
+                Ok(st) if is_type(&st, nix::libc::S_IFDIR) => return Ok(LowerKind::Directory),
+                Ok(st) if is_type(&st, nix::libc::S_IFLNK) => return Ok(LowerKind::Symlink),
+                Ok(st) if is_type(&st, nix::libc::S_IFCHR) && st.st_rdev == 0 => {
+                    return Ok(LowerKind::Absent);
+                }
+                Ok(_) => return Ok(LowerKind::Other),
+                Err(Errno::ENOENT) => continue,
+                Err(errno) => return Err(errno),
+            }
+        }
+        Ok(LowerKind::Absent)
     }
 
     /// Copies owner, mode, times and (non-`trusted.`) xattrs of `comps` from the first layer

@@ -426,6 +426,49 @@ fn parents_give_implicit_directories_their_lower_attributes() {
     assert_eq!(mode(&upper.path("fresh")), 0o755, "not in any parent: 0755");
 }
 
+/// On an overlay upper dir a path missing there may be a symlink or a file below: creating
+/// the parent directory would hide it, where applying onto the merged tree refuses the path.
+#[test]
+fn overlay_paths_through_lower_symlinks_and_files_are_refused() {
+    needs_root!();
+    let lower = Fixture::new();
+    lower
+        .apply(
+            &Layer::new()
+                .symlink("link", "/")
+                .file("file", b"f")
+                .dir("gone", 0o755)
+                .bytes(),
+        )
+        .expect("lower");
+    let overlay = |layer: Vec<u8>| {
+        let upper = Fixture::new();
+        let result = upper.apply_with(
+            &layer,
+            &ApplyOptions {
+                whiteouts: Whiteouts::Overlay,
+                parents: vec![lower.root.clone()],
+                ..Default::default()
+            },
+        );
+        (upper, result)
+    };
+    let (upper, result) = overlay(Layer::new().file("link/evil", b"x").bytes());
+    let err = result.expect_err("a path through a lower symlink");
+    assert!(err.to_string().contains("link"), "{err}");
+    assert!(
+        !upper.path("link").exists(),
+        "no directory hides the symlink"
+    );
+    let (_, result) = overlay(Layer::new().file("file/x", b"x").bytes());
+    let err = result.expect_err("a path through a lower file");
+    assert!(err.to_string().contains("file"), "{err}");
+    // A lower directory is inherited as before.
+    let (upper, result) = overlay(Layer::new().file("gone/new", b"n").bytes());
+    result.expect("a path through a lower directory");
+    assert!(upper.path("gone/new").exists());
+}
+
 #[test]
 fn hard_links_within_and_across_layers() {
     let fx = Fixture::new();
