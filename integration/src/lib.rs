@@ -57,7 +57,10 @@ pub use nix;
 pub use tonic;
 
 pub mod api;
+pub mod archive;
 pub mod images;
+pub mod registry;
+pub mod token_server;
 pub mod tree;
 
 /// The gRPC metadata key carrying the namespace of a namespaced call.
