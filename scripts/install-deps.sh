@@ -8,8 +8,9 @@
 #   zstd xz-utils      compress test archives
 #   docker-registry    the registry the pull and push tests start on loopback
 #   apache2-utils      htpasswd for the registry's basic-auth tests
+#   openssl            the registry tests' CA, certificates and token signatures
 set -euo pipefail
-packages=(protobuf-compiler containerd runc busybox-static umoci skopeo zstd xz-utils docker-registry apache2-utils)
+packages=(protobuf-compiler containerd runc busybox-static umoci skopeo zstd xz-utils docker-registry apache2-utils openssl)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
