@@ -10,6 +10,8 @@
 //! berth images export [--platform P]... [--all-platforms] [--skip-manifest-json]
 //!                     [--progress auto|plain|none] FILE|- NAME...
 //! berth images ls [-q]
+//! berth pull [--user U:P] [--plain-http] [--hosts-dir DIR] [--platform P]...
+//!            [--snapshotter NAME] [--no-unpack] REF
 //! ```
 //!
 //! - `--address`/`-a` (or `BERTH_ADDRESS`): berthd's socket, `/run/berth/berthd.sock` by
@@ -34,6 +36,7 @@ mod client;
 mod images;
 mod platform;
 mod progress;
+mod pull;
 mod stream;
 
 use std::path::PathBuf;
@@ -94,6 +97,8 @@ enum Command {
     /// Import, export and list images.
     #[command(subcommand)]
     Images(ImagesCommand),
+    /// Pull an image from a registry, unpacking it (prints NAME<TAB>DIGEST).
+    Pull(pull::PullArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -137,6 +142,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
         Command::Images(ImagesCommand::Import(args)) => images::import(&client, args).await,
         Command::Images(ImagesCommand::Export(args)) => images::export(&client, args).await,
         Command::Images(ImagesCommand::Ls(args)) => images::ls(&client, args).await,
+        Command::Pull(args) => pull::pull(&client, args).await,
     }
 }
 

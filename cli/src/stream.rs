@@ -126,6 +126,12 @@ impl ClientStream {
     pub fn id(&self) -> &str {
         &self.id
     }
+
+    /// A handle sending messages to the daemon (answers on a request/response stream such as
+    /// a pull's credentials stream) while the stream is being received.
+    pub fn sender(&self) -> mpsc::Sender<Any> {
+        self.tx.clone()
+    }
 }
 
 /// Sends everything `source` yields as `Data` within the credit the daemon grants, then

@@ -25,6 +25,7 @@ pub mod media;
 pub mod oci;
 pub mod platform;
 pub mod progress;
+pub mod pull;
 pub mod reference;
 pub mod store;
 pub mod testing;
@@ -47,6 +48,9 @@ pub use export::ExportOptions;
 pub use import::{ImageReference, ImportOptions, ImportReport, Stores};
 pub use platform::{Platform, PlatformSelection};
 pub use progress::{NoProgress, Progress, ProgressSink};
+pub use pull::{PullOptions, PullReport};
+/// The registry client pulls go through, for callers building one.
+pub use berth_registry as registry;
 pub use unpack::{UnpackReport, UnpackTarget};
 
 /// containerd's default snapshotter, preferred when an unpack request names none.
@@ -75,10 +79,9 @@ pub struct UnpackConfig {
 
 /// `[plugins."io.containerd.transfer.v1.local"]`, with containerd's keys and defaults.
 ///
-/// Read: `unpack_config` and `check_platform_supported`. Accepted but not read yet, because
-/// they tune pull and push, which berth's transfer service does not do yet:
-/// `max_concurrent_downloads`, `concurrent_layer_fetch_buffer`,
-/// `max_concurrent_uploaded_layers`, `config_path`. `max_concurrent_unpacks` is not read
+/// Read: `unpack_config`, `check_platform_supported`, and for pulls
+/// `max_concurrent_downloads` and `config_path`. Accepted but not read yet (no parallel Range
+/// fetches, no push): `concurrent_layer_fetch_buffer`, `max_concurrent_uploaded_layers`. `max_concurrent_unpacks` is not read
 /// either: layers are unpacked one after the other (each needs its parent committed).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default)]
@@ -318,6 +321,23 @@ impl LocalTransfer {
     ) -> Result<ImportReport> {
         let targets = self.resolve_unpacks(unpacks)?;
         import::import(&self.stores, cx, source, options, &targets, progress).await
+    }
+
+    /// Pulls `reference` through `client` into the call's namespace, unpacking as `unpacks`
+    /// ask; `max_concurrent_downloads` comes from the configuration.
+    pub async fn pull(
+        &self,
+        cx: &CallContext,
+        client: Arc<berth_registry::Client>,
+        reference: &str,
+        options: &PullOptions,
+        unpacks: &[UnpackRequest],
+        progress: &dyn ProgressSink,
+    ) -> Result<PullReport> {
+        let targets = self.resolve_unpacks(unpacks)?;
+        let mut options = options.clone();
+        options.max_concurrent_downloads = self.config.max_concurrent_downloads;
+        pull::pull(&self.stores, cx, client, reference, &options, &targets, progress).await
     }
 
     /// Exports the images named `names` of the call's namespace to `sink`.

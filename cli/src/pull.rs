@@ -1,0 +1,225 @@
+//! `berth pull`: an image from a registry through the transfer service (source
+//! `OCIRegistry`, destination `ImageStore`), with the progress display of import.
+//!
+//! With `--user`, a third stream carries credentials: the daemon sends an `AuthRequest`
+//! naming the registry host and this command answers with the user and password (as ctr
+//! does with its credential helper). The password is never printed.
+
+use std::io::Write as _;
+use std::time::Duration;
+
+use berth_proto::containerd::services::images::v1::GetImageRequest;
+use berth_proto::containerd::services::transfer::v1::{TransferOptions, TransferRequest};
+use berth_proto::containerd::types::Platform;
+use berth_proto::containerd::types::transfer::{
+    AuthRequest, AuthResponse, AuthType, ImageStore, OciRegistry, Progress, RegistryResolver,
+    UnpackConfiguration,
+};
+use berth_proto::type_url;
+use tokio::task::JoinHandle;
+
+use crate::client::{Client, Failure};
+use crate::platform;
+use crate::progress::{Display, Mode};
+use crate::stream::{self, ClientStream};
+
+/// How long to wait, once the daemon has answered, for the progress stream to end.
+const SETTLE: Duration = Duration::from_secs(30);
+/// The progress event of an image record written.
+const SAVED: &str = "saved";
+
+/// `berth pull`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct PullArgs {
+    /// Credentials for the registry, USER:PASSWORD.
+    #[arg(short, long, value_name = "USER:PASSWORD")]
+    pub user: Option<String>,
+    /// Talk plain HTTP to registries without a hosts.toml.
+    #[arg(long)]
+    pub plain_http: bool,
+    /// Directory of `<host>/hosts.toml` files, instead of the daemon's `config_path`.
+    #[arg(long, value_name = "DIR")]
+    pub hosts_dir: Option<String>,
+    /// Pull (and unpack) this platform's image of an index (repeatable); default: the
+    /// host's.
+    #[arg(long, value_name = "OS/ARCH[/VARIANT]", value_parser = platform::parse)]
+    pub platform: Vec<Platform>,
+    /// Snapshotter to unpack into; without it, the daemon's default (overlayfs).
+    #[arg(long, env = "BERTH_SNAPSHOTTER", value_name = "NAME")]
+    pub snapshotter: Option<String>,
+    /// Store the content only; do not unpack layers into snapshots.
+    #[arg(long)]
+    pub no_unpack: bool,
+    /// How to show progress on standard error.
+    #[arg(long, value_enum, value_name = "MODE", default_value_t = Mode::Auto)]
+    pub progress: Mode,
+    /// The image reference (`registry.example:5000/repo:tag`, `busybox`).
+    #[arg(value_name = "REF")]
+    pub reference: String,
+}
+
+/// The transfer destination of a pull: the platforms to fetch and the unpacks to do.
+pub fn pull_store(args: &PullArgs) -> ImageStore {
+    let wanted = if args.platform.is_empty() {
+        vec![platform::host()]
+    } else {
+        args.platform.clone()
+    };
+    let unpacks = if args.no_unpack {
+        Vec::new()
+    } else {
+        wanted
+            .iter()
+            .map(|p| UnpackConfiguration {
+                platform: Some(p.clone()),
+                snapshotter: args.snapshotter.clone().unwrap_or_default(),
+            })
+            .collect()
+    };
+    ImageStore {
+        name: args.reference.clone(),
+        platforms: wanted,
+        unpacks,
+        ..ImageStore::default()
+    }
+}
+
+/// Splits `USER:PASSWORD` (a password may contain colons; a missing one is empty).
+fn split_user(user: &str) -> (String, String) {
+    match user.split_once(':') {
+        Some((u, p)) => (u.to_owned(), p.to_owned()),
+        None => (user.to_owned(), String::new()),
+    }
+}
+
+/// Answers every `AuthRequest` on `stream` with the given credentials.
+fn serve_auth(stream: ClientStream, user: String, secret: String) -> JoinHandle<()> {
+    tokio::spawn(async move {
+        let reply = stream.sender();
+        let _ = stream::receive_messages(stream, |any| {
+            if type_url::from_any::<AuthRequest>(&any).is_err() {
+                return;
+            }
+            let answer = AuthResponse {
+                auth_type: AuthType::Credentials as i32,
+                secret: secret.clone(),
+                username: user.clone(),
+                expire_at: None,
+            };
+            // The daemon gave up waiting if this fails; the transfer's result says so.
+            let _ = reply.try_send(type_url::to_any(&answer));
+        })
+        .await;
+    })
+}
+
+/// `berth pull`: prints `NAME<TAB>DIGEST` for the image saved.
+pub async fn pull(client: &Client, args: PullArgs) -> Result<(), Failure> {
+    let what = format!("pulling {}", args.reference);
+    let mut streaming = client.streaming();
+    let progress = ClientStream::open(&mut streaming, "progress")
+        .await
+        .map_err(|s| Failure::status(format!("{what}: opening the progress stream"), &s))?;
+    let mut auth_stream = String::new();
+    let mut auth_task = None;
+    if let Some(user) = &args.user {
+        let auth = ClientStream::open(&mut streaming, "auth")
+            .await
+            .map_err(|s| Failure::status(format!("{what}: opening the credentials stream"), &s))?;
+        auth_stream = auth.id().to_owned();
+        let (user, secret) = split_user(user);
+        auth_task = Some(serve_auth(auth, user, secret));
+    }
+    let source = OciRegistry {
+        reference: args.reference.clone(),
+        resolver: Some(RegistryResolver {
+            auth_stream,
+            host_dir: args.hosts_dir.clone().unwrap_or_default(),
+            default_scheme: if args.plain_http { "http" } else { "" }.to_owned(),
+            ..RegistryResolver::default()
+        }),
+    };
+    let request = TransferRequest {
+        source: Some(type_url::to_any(&source)),
+        destination: Some(type_url::to_any(&pull_store(&args))),
+        options: Some(TransferOptions {
+            progress_stream: progress.id().to_owned(),
+        }),
+    };
+    let mut display = Display::new(args.progress);
+    let watcher = tokio::spawn(async move {
+        let mut saved: Vec<String> = Vec::new();
+        let _ = stream::receive_messages(progress, |any| {
+            let Ok(p) = type_url::from_any::<Progress>(&any) else {
+                return;
+            };
+            if p.event == SAVED && !p.name.is_empty() && !saved.contains(&p.name) {
+                saved.push(p.name.clone());
+            }
+            display.event(&p);
+        })
+        .await;
+        (display, saved)
+    });
+    let answer = client.transfer().transfer(request).await;
+    if let Some(task) = auth_task {
+        task.abort();
+    }
+    let abort = watcher.abort_handle();
+    let limit = if answer.is_ok() {
+        SETTLE
+    } else {
+        Duration::from_secs(2)
+    };
+    let saved = match tokio::time::timeout(limit, watcher).await {
+        Ok(Ok((display, saved))) => {
+            display.finish();
+            saved
+        }
+        _ => {
+            abort.abort();
+            Vec::new()
+        }
+    };
+    answer.map_err(|s| Failure::status(&what, &s))?;
+    if saved.is_empty() {
+        return Err(Failure::new(format!(
+            "{what}: the pull finished, but the daemon did not name the image saved: list \
+             images with `berth images ls`"
+        )));
+    }
+    let mut images = client.images();
+    let mut lines = String::new();
+    for name in saved {
+        let image = images
+            .get(GetImageRequest { name: name.clone() })
+            .await
+            .map_err(|s| Failure::status(format!("{what}: looking up image {name}"), &s))?
+            .into_inner()
+            .image;
+        let digest = image
+            .and_then(|i| i.target)
+            .map(|t| t.digest)
+            .unwrap_or_default();
+        lines.push_str(&format!("{name}\t{digest}\n"));
+    }
+    let mut out = std::io::stdout().lock();
+    match out.write_all(lines.as_bytes()).and_then(|()| out.flush()) {
+        // A closed pipe (`| head`) is not an error.
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => {
+            Err(Failure::io("writing to standard output", &e))
+        }
+        _ => Ok(()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn passwords_may_hold_colons() {
+        assert_eq!(split_user("u:p:q"), ("u".into(), "p:q".into()));
+        assert_eq!(split_user("u"), ("u".into(), String::new()));
+    }
+}

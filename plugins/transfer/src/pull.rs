@@ -1,0 +1,481 @@
+//! Pulling an image from a registry into the stores (containerd's
+//! `core/transfer/local/pull.go` with the `OCIRegistry` source).
+//!
+//! 1. The reference is resolved to the descriptor of its manifest or index.
+//! 2. Everything after that happens under the transfer lease (the caller's, or one made for the
+//!    pull and deleted at the end, see [`crate::import`]): whatever a failed pull wrote is held
+//!    by nothing afterwards and garbage collection takes it.
+//! 3. The index (if any) and manifests are fetched whole, stored, and labelled with
+//!    `containerd.io/gc.ref.content.*` for their children, as import labels them. Of an index,
+//!    [`PlatformSelection::All`] keeps every manifest; a platform list keeps the best match
+//!    of each wanted platform (containerd limits a pull to one manifest per platform).
+//! 4. Configs and layers are fetched into the content store, verified against their digest
+//!    while streaming (and again by the store at commit), at most
+//!    `max_concurrent_downloads` at a time. Blobs already stored are skipped (`already
+//!    exists`). A failed blob's ingest is aborted so nothing is committed under its digest.
+//! 5. Manifests a target accepts are unpacked ([`crate::unpack`]), then the image record is
+//!    written under the reference's full name, created or updated.
+//!
+//! Not done (yet): resuming a partial ingest left by an interrupted pull; the ingest is
+//! truncated and fetched from its start, because the content store offers no way to read an
+//! ingest's bytes back to seed the digest.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use berth_core::content::{CallContext, ContentStore, Digest, WriterRequest};
+use berth_core::error::ErrorKind;
+use berth_core::labels::Labels;
+use berth_core::metadata::images::Image;
+use berth_registry as registry;
+use tokio::sync::{Semaphore, mpsc};
+use tokio::task::JoinSet;
+
+use crate::error::{Error, Result};
+use crate::import::{Stores, with_lease};
+use crate::media;
+use crate::oci::{self, Descriptor};
+use crate::platform::{Platform, PlatformSelection};
+use crate::progress::{self, Progress, ProgressSink};
+use crate::store;
+use crate::unpack::{self, UnpackReport, UnpackTarget};
+
+/// Progress event: the reference is being resolved.
+pub const RESOLVING: &str = "resolving";
+/// Progress event: the reference resolved to a descriptor.
+pub const RESOLVED: &str = "resolved";
+/// Status line ending a pull (containerd: `Completed pull from <source>`).
+pub const COMPLETED_PULL: &str = "Completed pull";
+
+/// How to pull (containerd's `OCIRegistry` source with an `ImageStore` destination).
+#[derive(Debug, Clone)]
+pub struct PullOptions {
+    /// Which platforms' manifests of an index to fetch.
+    pub platforms: PlatformSelection,
+    /// Labels of the image record.
+    pub labels: Labels,
+    /// Blobs fetched at the same time (0 counts as 1).
+    pub max_concurrent_downloads: u32,
+}
+
+impl Default for PullOptions {
+    fn default() -> Self {
+        PullOptions {
+            platforms: PlatformSelection::host(),
+            labels: Labels::new(),
+            max_concurrent_downloads: 3,
+        }
+    }
+}
+
+/// What a pull did.
+#[derive(Debug, Clone)]
+pub struct PullReport {
+    /// The descriptor the reference resolved to (the image record's target).
+    pub root: Descriptor,
+    /// The image record written.
+    pub image: Image,
+    /// The manifests fetched.
+    pub manifests: Vec<Descriptor>,
+    /// The unpacks done.
+    pub unpacked: Vec<UnpackReport>,
+    /// Blobs fetched now (configs and layers; not those already stored).
+    pub fetched: usize,
+}
+
+/// Pulls `reference` through `client` into the call's namespace (see the module
+/// documentation).
+pub async fn pull(
+    stores: &Stores,
+    cx: &CallContext,
+    client: Arc<registry::Client>,
+    reference: &str,
+    options: &PullOptions,
+    unpacks: &[UnpackTarget],
+    progress: &dyn ProgressSink,
+) -> Result<PullReport> {
+    let ns = cx.require_namespace()?.clone();
+    let parsed = registry::Reference::parse(reference).map_err(convert::registry_error)?;
+    let name = parsed.to_string();
+    progress.report(Progress::about(RESOLVING, name.clone(), 0, 0));
+    let root = client
+        .resolve(&parsed)
+        .await
+        .map_err(convert::registry_error)?;
+    let root = convert::descriptor(&root)?;
+    progress.report(Progress::about(RESOLVED, name.clone(), 0, 0).with_desc(root.clone()));
+    let parsed = Arc::new(parsed);
+    with_lease(stores, cx, |cx| async move {
+        let content = stores.content.as_ref();
+        let manifests =
+            fetch_documents(content, &cx, &client, &parsed, &root, options, progress).await?;
+
+        let mut blobs = Vec::new();
+        let mut seen = HashSet::new();
+        for manifest in &manifests {
+            let bytes = store::read_document(content, &cx, &manifest.digest).await?;
+            let m = oci::parse_manifest(&bytes, &manifest.digest)?;
+            for blob in std::iter::once(m.config).chain(m.layers) {
+                if seen.insert(blob.digest.clone()) {
+                    blobs.push(blob);
+                }
+            }
+        }
+        let fetched = fetch_blobs(
+            stores,
+            &cx,
+            &client,
+            &parsed,
+            blobs,
+            options.max_concurrent_downloads,
+            progress,
+        )
+        .await?;
+
+        let mut unpacked = Vec::new();
+        if !unpacks.is_empty() {
+            for manifest in &manifests {
+                let (_, config) = unpack::read_config(content, &cx, manifest).await?;
+                if let Some(target) = unpacks.iter().find(|t| t.accepts(&config.platform)) {
+                    unpacked.push(unpack::unpack(content, &cx, target, manifest, progress).await?);
+                }
+            }
+        }
+
+        let image = Image {
+            name: name.clone(),
+            labels: options.labels.clone(),
+            target: root.to_core(),
+            created_at: SystemTime::UNIX_EPOCH,
+            updated_at: SystemTime::UNIX_EPOCH,
+        };
+        let image = save_image(stores, &ns, &cx, image).await?;
+        progress.report(
+            Progress::about(progress::SAVED, image.name.clone(), 0, 0).with_desc(root.clone()),
+        );
+        progress.report(Progress::status(&format!(
+            "{COMPLETED_PULL} from OCI Registry ({name})"
+        )));
+        Ok(PullReport {
+            root,
+            image,
+            manifests,
+            unpacked,
+            fetched,
+        })
+    })
+    .await
+}
+
+/// Creates the image record, or updates it when the name exists.
+async fn save_image(
+    stores: &Stores,
+    ns: &berth_core::namespace::Namespace,
+    cx: &CallContext,
+    image: Image,
+) -> Result<Image> {
+    use berth_core::error::Classify as _;
+    loop {
+        match stores
+            .metadata
+            .create_image(ns, image.clone(), None, cx.lease.as_deref())
+            .await
+        {
+            Ok(created) => return Ok(created),
+            Err(e) if e.kind() == ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(e.into()),
+        }
+        match stores
+            .metadata
+            .update_image(ns, image.clone(), &[], None)
+            .await
+        {
+            Ok(updated) => return Ok(updated),
+            Err(e) if e.kind() == ErrorKind::NotFound => continue,
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
+/// Fetches the root document and, for an index, the manifests platform selection keeps;
+/// stores and gc-labels each. Returns the manifests to fetch blobs of.
+async fn fetch_documents(
+    content: &dyn ContentStore,
+    cx: &CallContext,
+    client: &registry::Client,
+    reference: &registry::Reference,
+    root: &Descriptor,
+    options: &PullOptions,
+    progress: &dyn ProgressSink,
+) -> Result<Vec<Descriptor>> {
+    let mut manifests = Vec::new();
+    let mut queue = vec![(root.clone(), true)];
+    while let Some((desc, top)) = queue.pop() {
+        let bytes = fetch_document(content, cx, client, reference, &desc, progress).await?;
+        if media::is_index(&desc.media_type) {
+            let index = oci::parse_index(&bytes, &desc.digest)?;
+            store::set_labels(
+                content,
+                cx,
+                &desc.digest,
+                media::children_gc_labels(&index.manifests),
+            )
+            .await?;
+            let kept = select(&index.manifests, &options.platforms);
+            if top && kept.is_empty() {
+                return Err(Error::NoMatchingPlatform(options.platforms.to_string()));
+            }
+            queue.extend(kept.into_iter().rev().map(|m| (m, false)));
+        } else if media::is_manifest(&desc.media_type) {
+            let m = oci::parse_manifest(&bytes, &desc.digest)?;
+            let mut children = vec![m.config.clone()];
+            children.extend(m.layers.iter().cloned());
+            store::set_labels(
+                content,
+                cx,
+                &desc.digest,
+                media::children_gc_labels(&children),
+            )
+            .await?;
+            manifests.push(desc);
+        } else {
+            return Err(Error::InvalidBlob {
+                what: "manifest",
+                digest: desc.digest.clone(),
+                reason: format!(
+                    "media type {:?} is neither an index nor a manifest",
+                    desc.media_type
+                ),
+            });
+        }
+    }
+    if manifests.is_empty() {
+        return Err(Error::NoMatchingPlatform(options.platforms.to_string()));
+    }
+    Ok(manifests)
+}
+
+/// The manifests of an index to pull: all of them, or per wanted platform the best match.
+fn select(manifests: &[Descriptor], platforms: &PlatformSelection) -> Vec<Descriptor> {
+    let PlatformSelection::Only(wanted) = platforms else {
+        return manifests.to_vec();
+    };
+    let mut kept: Vec<Descriptor> = Vec::new();
+    for want in wanted {
+        let one = PlatformSelection::Only(vec![want.clone()]);
+        let best = manifests
+            .iter()
+            .filter(|m| m.platform.is_some())
+            .filter_map(|m| one.rank(m.platform.as_ref()).map(|r| (r, m)))
+            .min_by_key(|(r, _)| *r)
+            .map(|(_, m)| m.clone());
+        if let Some(best) = best
+            && !kept.iter().any(|k| k.digest == best.digest)
+        {
+            kept.push(best);
+        }
+    }
+    kept
+}
+
+/// Fetches an index or manifest whole and stores it (or reads the stored copy).
+async fn fetch_document(
+    content: &dyn ContentStore,
+    cx: &CallContext,
+    client: &registry::Client,
+    reference: &registry::Reference,
+    desc: &Descriptor,
+    progress: &dyn ProgressSink,
+) -> Result<Vec<u8>> {
+    let key = progress::ref_key(desc);
+    if store::exists(content, cx, &desc.digest).await? {
+        progress.report(
+            Progress::about(progress::ALREADY_EXISTS, key, desc.size, desc.size)
+                .with_desc(desc.clone()),
+        );
+        return store::read_document(content, cx, &desc.digest).await;
+    }
+    let bytes = client
+        .fetch_manifest(reference, &convert::registry_descriptor(desc)?)
+        .await
+        .map_err(convert::registry_error)?;
+    store::write_blob(content, cx, key.clone(), &bytes).await?;
+    progress.report(
+        Progress::about(progress::COMPLETE, key, desc.size, desc.size).with_desc(desc.clone()),
+    );
+    Ok(bytes)
+}
+
+/// Fetches `blobs` not yet stored, `limit` at a time; returns how many were fetched.
+async fn fetch_blobs(
+    stores: &Stores,
+    cx: &CallContext,
+    client: &Arc<registry::Client>,
+    reference: &Arc<registry::Reference>,
+    blobs: Vec<Descriptor>,
+    limit: u32,
+    progress: &dyn ProgressSink,
+) -> Result<usize> {
+    let permits = Arc::new(Semaphore::new(limit.max(1) as usize));
+    let (tx, mut rx) = mpsc::unbounded_channel::<Progress>();
+    // Dropping the set (an error, or the caller cancelling) aborts the other downloads.
+    let mut tasks = JoinSet::new();
+    for blob in blobs {
+        let (content, cx, client, reference) = (
+            Arc::clone(&stores.content),
+            cx.clone(),
+            Arc::clone(client),
+            Arc::clone(reference),
+        );
+        let (permits, tx) = (Arc::clone(&permits), tx.clone());
+        tasks.spawn(async move {
+            let _permit = permits
+                .acquire_owned()
+                .await
+                .map_err(|_| Error::Core(berth_core::Error::internal("download slots closed")))?;
+            fetch_blob(content.as_ref(), &cx, &client, &reference, &blob, &tx).await
+        });
+    }
+    drop(tx);
+    let mut fetched = 0;
+    loop {
+        tokio::select! {
+            Some(event) = rx.recv() => progress.report(event),
+            joined = tasks.join_next() => match joined {
+                None => break,
+                Some(Ok(Ok(true))) => fetched += 1,
+                Some(Ok(Ok(false))) => {}
+                Some(Ok(Err(e))) => return Err(e),
+                Some(Err(e)) => {
+                    return Err(Error::Core(berth_core::Error::internal(format!(
+                        "a blob download task failed: {e}"
+                    ))));
+                }
+            },
+        }
+    }
+    while let Ok(event) = rx.try_recv() {
+        progress.report(event);
+    }
+    Ok(fetched)
+}
+
+/// Fetches one blob into the store; `false` when it was there already.
+async fn fetch_blob(
+    content: &dyn ContentStore,
+    cx: &CallContext,
+    client: &registry::Client,
+    reference: &registry::Reference,
+    desc: &Descriptor,
+    progress: &mpsc::UnboundedSender<Progress>,
+) -> Result<bool> {
+    let key = progress::ref_key(desc);
+    let exists = |key: String| {
+        Progress::about(progress::ALREADY_EXISTS, key, desc.size, desc.size).with_desc(desc.clone())
+    };
+    if store::exists(content, cx, &desc.digest).await? {
+        let _ = progress.send(exists(key));
+        return Ok(false);
+    }
+    let request = WriterRequest {
+        reference: key.clone(),
+        total: desc.size,
+        expected: Some(desc.digest.clone()),
+    };
+    let Some(mut writer) = store::open_writer(content, cx, request).await? else {
+        let _ = progress.send(exists(key));
+        return Ok(false);
+    };
+    let result = async {
+        let mut stream = client
+            .fetch(reference, &convert::registry_descriptor(desc)?, None)
+            .await
+            .map_err(convert::registry_error)?;
+        let _ = progress.send(
+            Progress::about(progress::DOWNLOADING, key.clone(), 0, desc.size)
+                .with_desc(desc.clone()),
+        );
+        let mut last_report = 0u64;
+        while let Some(chunk) = stream.chunk().await.map_err(convert::registry_error)? {
+            writer.write(&chunk).await?;
+            let done = stream.offset();
+            // About one event per MiB keeps the stream to the client small.
+            if done - last_report >= 1 << 20 {
+                last_report = done;
+                let _ = progress.send(
+                    Progress::about(progress::DOWNLOADING, key.clone(), done, desc.size)
+                        .with_desc(desc.clone()),
+                );
+            }
+        }
+        Ok::<(), Error>(())
+    }
+    .await;
+    if let Err(e) = result {
+        // A blob that failed verification must not be resumed from, and nothing may stay
+        // under its ref for a later pull to trip on.
+        let _ = writer.close().await;
+        if let Err(abort) = content.abort(cx, &key).await {
+            tracing::debug!(reference = %key, error = %abort, "cannot abort the failed ingest");
+        }
+        return Err(e);
+    }
+    store::commit(writer, desc.size, Some(desc.digest.clone()), Labels::new()).await?;
+    let _ = progress.send(
+        Progress::about(progress::COMPLETE, key, desc.size, desc.size).with_desc(desc.clone()),
+    );
+    Ok(true)
+}
+
+/// The one place where the registry client's types meet berth's.
+pub mod convert {
+    use super::*;
+
+    /// The registry client's descriptor as a transfer descriptor.
+    pub fn descriptor(d: &registry::Descriptor) -> Result<Descriptor> {
+        let mut out = Descriptor::new(&d.media_type, digest(&d.digest)?, d.size);
+        out.annotations = d.annotations.clone();
+        out.platform = d
+            .platform
+            .as_ref()
+            .map(|p| Platform::new(&p.os, &p.architecture, p.variant.as_deref().unwrap_or("")));
+        Ok(out)
+    }
+
+    /// A transfer descriptor as the registry client's (for fetching). The registry client
+    /// knows only sha256: another algorithm is InvalidArgument naming the digest.
+    pub fn registry_descriptor(d: &Descriptor) -> Result<registry::Descriptor> {
+        let digest = registry::Digest::try_from(d.digest.to_string()).map_err(|e| {
+            Error::Core(berth_core::Error::invalid_argument(format!(
+                "cannot pull {}: {e}",
+                d.digest
+            )))
+        })?;
+        let mut out = registry::Descriptor::new(d.media_type.clone(), digest, d.size);
+        out.annotations = d.annotations.clone();
+        Ok(out)
+    }
+
+    /// The registry client's digest as berth's.
+    pub fn digest(d: &registry::Digest) -> Result<Digest> {
+        Ok(Digest::parse(d.as_str())?)
+    }
+
+    /// A registry error with the kind a gRPC client should see.
+    pub fn registry_error(e: registry::Error) -> Error {
+        use registry::Error as R;
+        let kind = match &e {
+            R::InvalidReference { .. } | R::InvalidDigest(_) | R::HostsConfig { .. } => {
+                ErrorKind::InvalidArgument
+            }
+            R::Tls { .. } => ErrorKind::FailedPrecondition,
+            R::NotFound { .. } => ErrorKind::NotFound,
+            R::Unauthorized { .. } => ErrorKind::Unauthenticated,
+            R::DigestMismatch { .. } | R::SizeMismatch { .. } => ErrorKind::DataLoss,
+            R::Http { .. } => ErrorKind::Unavailable,
+            R::Status { .. } | R::Protocol { .. } => ErrorKind::Unknown,
+        };
+        Error::Core(berth_core::Error::new(kind, e.to_string()))
+    }
+}
