@@ -43,14 +43,14 @@ use berth_core::registry::{InitError, Instance, PluginKind, PluginType, Registra
 use serde::{Deserialize, Serialize};
 use tokio::io::AsyncWrite;
 
+/// The registry client pulls go through, for callers building one.
+pub use berth_registry as registry;
 pub use error::{Error, Result};
 pub use export::ExportOptions;
 pub use import::{ImageReference, ImportOptions, ImportReport, Stores};
 pub use platform::{Platform, PlatformSelection};
 pub use progress::{NoProgress, Progress, ProgressSink};
 pub use pull::{PullOptions, PullReport};
-/// The registry client pulls go through, for callers building one.
-pub use berth_registry as registry;
 pub use unpack::{UnpackReport, UnpackTarget};
 
 /// containerd's default snapshotter, preferred when an unpack request names none.
@@ -337,7 +337,16 @@ impl LocalTransfer {
         let targets = self.resolve_unpacks(unpacks)?;
         let mut options = options.clone();
         options.max_concurrent_downloads = self.config.max_concurrent_downloads;
-        pull::pull(&self.stores, cx, client, reference, &options, &targets, progress).await
+        pull::pull(
+            &self.stores,
+            cx,
+            client,
+            reference,
+            &options,
+            &targets,
+            progress,
+        )
+        .await
     }
 
     /// Exports the images named `names` of the call's namespace to `sink`.
