@@ -17,6 +17,7 @@ use berth_integration::{Daemon, Kind, Options, Profile, block_on_global};
 use clap::Parser;
 
 mod content;
+mod images;
 
 /// Benchmarks berthd against Debian's containerd and writes bench/REPORT.md.
 #[derive(Debug, Parser)]
@@ -170,6 +171,8 @@ fn workloads() -> Vec<Box<dyn Workload>> {
         Box::new(content::LeaseCreateDelete),
         Box::new(content::ContentLs10k(ten_k.clone())),
         Box::new(content::Gc10k(ten_k)),
+        Box::new(images::SnapshotOps),
+        Box::new(images::ImageImport::new()),
     ]
 }
 
@@ -443,7 +446,7 @@ fn render(
     }
     let _ = writeln!(
         s,
-        "\nEach run starts the daemon on a fresh private root, state and socket under /tmp (Debian's containerd with config version 2 and the CRI plugin disabled) and stops it with SIGTERM afterwards. The content, lease and GC workloads give both daemons the same extra TOML, `[plugins.\"io.containerd.gc.v1.scheduler\"] startup_delay = \"1h\"`, so the automatic collection 100 ms after start-up never lands inside a measurement. Timings are reported here only; they are never part of pass/fail tests."
+        "\nEach run starts the daemon on a fresh private root, state and socket under /tmp (Debian's containerd with config version 2 and the CRI plugin disabled) and stops it with SIGTERM afterwards. The content, lease, GC and image workloads give both daemons the same extra TOML, `[plugins.\"io.containerd.gc.v1.scheduler\"] startup_delay = \"1h\"`, so the automatic collection 100 ms after start-up never lands inside a measurement; snapshot-ops keeps the default collector settings and starts measuring 300 ms after start-up. Timings are reported here only; they are never part of pass/fail tests."
     );
     s
 }
