@@ -263,6 +263,15 @@ impl<L: Layout> Engine<L> {
             }
             if let Some(dir) = &staged {
                 let target = self.paths.snapshot(snapshot.id);
+                // An id is taken for good only with its record. A creation that a crash cut
+                // off after its rename left a directory under an id that is handed out again
+                // now; no record can name it, so it goes (a non-empty directory would make the
+                // rename fail).
+                if target.symlink_metadata().is_ok() {
+                    tracing::info!(path = %target.display(), "removing the directory of a snapshot creation interrupted by a crash");
+                    std::fs::remove_dir_all(&target)
+                        .map_err(|e| FsError::new("remove leftover directory", &target, e))?;
+                }
                 std::fs::rename(dir, &target).map_err(|e| FsError::new("rename", dir, e))?;
                 fsutil::sync_dir(&self.paths.snapshots())?;
             }

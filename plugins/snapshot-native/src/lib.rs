@@ -188,4 +188,27 @@ mod tests {
         assert_eq!(m[0].source, "/r/snapshots/7");
         assert_eq!(m[0].options, ["rbind", "rw"]);
     }
+
+    #[tokio::test]
+    async fn a_directory_left_by_a_crash_does_not_block_its_id() {
+        use berth_core::content::CallContext;
+        use berth_core::snapshot::Snapshotter;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let sn = native(dir.path().join("native"));
+        sn.open().await.expect("open");
+        // What a kill -9 between a creation's rename and its record's flush leaves: the
+        // directory of the next id, which the store hands out again.
+        let leftover = dir.path().join("native/snapshots/1");
+        std::fs::create_dir_all(leftover.join("old")).expect("leftover");
+        std::fs::write(leftover.join("old/file"), b"x").expect("leftover file");
+        let mounts = sn
+            .prepare(&CallContext::default(), "k", None, Default::default())
+            .await
+            .expect("prepare over the leftover");
+        assert_eq!(mounts[0].source, leftover.to_string_lossy());
+        assert!(
+            !leftover.join("old").exists(),
+            "the new snapshot starts empty"
+        );
+    }
 }
