@@ -349,10 +349,28 @@ impl MetaStore {
     /// durable (sharing the flush with concurrent writers).
     pub async fn write<T>(&self, f: impl FnOnce(&mut WriteTxn<'_>) -> Result<T>) -> Result<T> {
         let (out, seq) = self.write_sync(f)?;
+        self.durable(seq).await?;
+        Ok(out)
+    }
+
+    /// Applies `f` like [`MetaStore::write`] but returns before the change is durable, with
+    /// the sequence number to pass to [`MetaStore::durable`]: a caller that has slow work of
+    /// its own to do next (a backend creating a snapshot) overlaps that work with the flush.
+    /// It must not reply before [`MetaStore::durable`] returned.
+    pub(crate) fn write_unflushed<T>(
+        &self,
+        f: impl FnOnce(&mut WriteTxn<'_>) -> Result<T>,
+    ) -> Result<(T, u64)> {
+        self.write_sync(f)
+    }
+
+    /// Returns once the write numbered `seq` (from [`MetaStore::write_unflushed`]) is durable,
+    /// sharing the flush with concurrent writers; at once for `seq` 0 or with `no_sync`.
+    pub(crate) async fn durable(&self, seq: u64) -> Result<()> {
         if seq != 0 && !self.no_sync {
             self.flush.wait(&self.db, seq).await?;
         }
-        Ok(out)
+        Ok(())
     }
 
     /// A number never handed out before by this store (monotonic across restarts).

@@ -77,6 +77,14 @@ impl MetaSnapshotter {
         MetaSnapshotter { db, name, backend }
     }
 
+    /// The lease resource naming snapshot `key` of this snapshotter.
+    fn resource(&self, key: &str) -> Resource {
+        Resource {
+            kind: format!("snapshots/{}", self.name),
+            id: key.to_owned(),
+        }
+    }
+
     fn kind(&self) -> ObjectKind {
         ObjectKind::Snapshots(self.name.clone())
     }
@@ -145,52 +153,49 @@ impl MetaSnapshotter {
         let sn_kind = self.kind();
         // Hold GC off from the backend create until the record exists.
         let _gc = self.db.gc_lock.read().await;
-        self.db
-            .store
-            .write(|txn| {
-                if txn
-                    .get_object::<SnapshotRecord>(&ns, &sn_kind, key)?
-                    .is_some()
-                {
-                    return Err(Error::already_exists(format!("snapshot {key:?}")));
-                }
-                if let Some(lease) = &lease {
-                    leases::attach(
-                        txn,
-                        &ns,
-                        lease,
-                        Resource {
-                            kind: format!("snapshots/{}", self.name),
-                            id: key.to_owned(),
-                        },
-                    )?;
-                }
-                txn.put_object(&ns, &sn_kind, key, &record)
-            })
-            .await?;
-        let created = match kind {
-            RecordKind::View => {
-                self.backend
-                    .view(
-                        cx,
-                        &backend_key,
-                        parent_backend.as_deref(),
-                        backend_labels(&labels),
-                    )
-                    .await
+        let ((), seq) = self.db.store.write_unflushed(|txn| {
+            if txn
+                .get_object::<SnapshotRecord>(&ns, &sn_kind, key)?
+                .is_some()
+            {
+                return Err(Error::already_exists(format!("snapshot {key:?}")));
             }
-            _ => {
-                self.backend
-                    .prepare(
-                        cx,
-                        &backend_key,
-                        parent_backend.as_deref(),
-                        backend_labels(&labels),
-                    )
-                    .await
+            if let Some(lease) = &lease {
+                leases::attach(txn, &ns, lease, self.resource(key))?;
+            }
+            txn.put_object(&ns, &sn_kind, key, &record)
+        })?;
+        // The record's flush and the backend's create (directories, its own flush) run at the
+        // same time; the reply waits for both. Whichever reaches the disk alone before a crash
+        // leaves what a crash between two sequential steps could leave too: a record without
+        // a backend snapshot (found missing on use, collected with its lease) or a backend
+        // snapshot without a record (swept by the next collection).
+        let backend_create = async {
+            match kind {
+                RecordKind::View => {
+                    self.backend
+                        .view(
+                            cx,
+                            &backend_key,
+                            parent_backend.as_deref(),
+                            backend_labels(&labels),
+                        )
+                        .await
+                }
+                _ => {
+                    self.backend
+                        .prepare(
+                            cx,
+                            &backend_key,
+                            parent_backend.as_deref(),
+                            backend_labels(&labels),
+                        )
+                        .await
+                }
             }
         };
-        let mounts = match created {
+        let (flushed, created) = tokio::join!(self.db.store.durable(seq), backend_create);
+        let mounts = match created.and_then(|m| flushed.map(|()| m)) {
             Ok(m) => m,
             Err(e) => {
                 // Undo the record; a leftover backend snapshot is collected later.
@@ -357,15 +362,10 @@ impl Snapshotter for MetaSnapshotter {
                 txn.remove_object(&ns, &sn_kind, key)?;
                 txn.put_object(&ns, &sn_kind, name, &committed)?;
                 if let Some(lease) = &lease {
-                    leases::attach(
-                        txn,
-                        &ns,
-                        lease,
-                        Resource {
-                            kind: format!("snapshots/{}", self.name),
-                            id: name.to_owned(),
-                        },
-                    )?;
+                    // As containerd: the call's lease now holds the committed name instead of
+                    // the active key, which no longer exists.
+                    leases::detach(txn, &ns, lease, &self.resource(key))?;
+                    leases::attach(txn, &ns, lease, self.resource(name))?;
                 }
                 Ok(())
             })
@@ -387,6 +387,7 @@ impl Snapshotter for MetaSnapshotter {
     async fn remove(&self, cx: &CallContext, key: &str) -> Result<()> {
         let ns = namespace_of(cx)?;
         let sn_kind = self.kind();
+        let lease = cx.lease.clone();
         self.db
             .store
             .write(|txn| {
@@ -407,6 +408,11 @@ impl Snapshotter for MetaSnapshotter {
                     return Err(Error::failed_precondition(format!(
                         "cannot remove snapshot {key:?}: it has children"
                     )));
+                }
+                if let Some(lease) = &lease {
+                    // As containerd: a removal under a lease also drops the lease's reference,
+                    // so a later snapshot with the same key does not inherit it.
+                    leases::detach(txn, &ns, lease, &self.resource(key))?;
                 }
                 txn.remove_object(&ns, &sn_kind, key)
             })

@@ -634,6 +634,42 @@ mod snapshots {
             f.backend.keys()
         );
     }
+
+    #[tokio::test]
+    async fn commit_and_remove_update_the_calls_lease() {
+        let f = snap_fixture();
+        let n = ns("a");
+        f.metadata
+            .create_lease(&n, "hold", Labels::new())
+            .await
+            .expect("lease");
+        let held = cx("a", Some("hold"));
+        let ids = || -> Vec<String> {
+            f.metadata
+                .list_lease_resources(&n, "hold")
+                .expect("resources")
+                .into_iter()
+                .map(|r| format!("{}:{}", r.kind, r.id))
+                .collect()
+        };
+        f.sn.prepare(&held, "active", None, Labels::new())
+            .await
+            .expect("prepare");
+        assert_eq!(ids(), ["snapshots/mem:active"]);
+        f.sn.commit(&held, "layer", "active", Labels::new())
+            .await
+            .expect("commit");
+        assert_eq!(ids(), ["snapshots/mem:layer"], "the active key is gone");
+        f.sn.remove(&held, "layer").await.expect("remove");
+        assert!(ids().is_empty(), "removed under the lease: {:?}", ids());
+
+        // A removal without the lease header leaves the lease alone, as containerd.
+        f.sn.prepare(&held, "other", None, Labels::new())
+            .await
+            .expect("prepare");
+        f.sn.remove(&cx("a", None), "other").await.expect("remove");
+        assert_eq!(ids(), ["snapshots/mem:other"]);
+    }
 }
 
 mod images {
