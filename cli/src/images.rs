@@ -26,10 +26,10 @@ use crate::progress::{Display, Mode};
 use crate::stream::{self, ClientStream, StreamError};
 
 /// How long to wait, once the daemon has answered, for the streams of the call to end.
-const SETTLE: Duration = Duration::from_secs(30);
+pub(crate) const SETTLE: Duration = Duration::from_secs(30);
 /// The same after a failed call: the daemon may not have taken a stream, which then never
 /// ends.
-const SETTLE_FAILED: Duration = Duration::from_secs(2);
+pub(crate) const SETTLE_FAILED: Duration = Duration::from_secs(2);
 /// The progress event of an image record written (berthd's and containerd's word).
 const SAVED: &str = "saved";
 
@@ -115,22 +115,8 @@ pub fn import_store(args: &ImportArgs, today: &str) -> ImageStore {
             ..ImageReference::default()
         },
     };
-    let wanted = if args.platform.is_empty() {
-        vec![platform::host()]
-    } else {
-        args.platform.clone()
-    };
-    let unpacks = if args.no_unpack {
-        Vec::new()
-    } else {
-        wanted
-            .iter()
-            .map(|p| UnpackConfiguration {
-                platform: Some(p.clone()),
-                snapshotter: args.snapshotter.clone().unwrap_or_default(),
-            })
-            .collect()
-    };
+    let (wanted, unpacks) =
+        platforms_and_unpacks(&args.platform, args.no_unpack, args.snapshotter.as_deref());
     ImageStore {
         name: args.index_name.clone().unwrap_or_default(),
         // No platforms means all of them to the transfer service.
@@ -143,6 +129,33 @@ pub fn import_store(args: &ImportArgs, today: &str) -> ImageStore {
         unpacks,
         ..ImageStore::default()
     }
+}
+
+/// The platforms a transfer wants (`platforms`, or the host's when none are given) and an
+/// unpack into `snapshotter` for each of them, unless `no_unpack`; an empty snapshotter name
+/// is the daemon's default.
+pub(crate) fn platforms_and_unpacks(
+    platforms: &[Platform],
+    no_unpack: bool,
+    snapshotter: Option<&str>,
+) -> (Vec<Platform>, Vec<UnpackConfiguration>) {
+    let wanted = if platforms.is_empty() {
+        vec![platform::host()]
+    } else {
+        platforms.to_vec()
+    };
+    let unpacks = if no_unpack {
+        Vec::new()
+    } else {
+        wanted
+            .iter()
+            .map(|p| UnpackConfiguration {
+                platform: Some(p.clone()),
+                snapshotter: snapshotter.unwrap_or_default().to_owned(),
+            })
+            .collect()
+    };
+    (wanted, unpacks)
 }
 
 /// The transfer source of an export: the images by exact name, as ctr sends them.
@@ -177,7 +190,7 @@ fn print(text: &str) -> Result<(), Failure> {
 
 /// Shows the progress stream's events and remembers the images saved, until the daemon ends
 /// the stream.
-fn watch_progress(
+pub(crate) fn watch_progress(
     progress: ClientStream,
     mut display: Display,
 ) -> JoinHandle<(Display, Vec<String>)> {
@@ -204,7 +217,7 @@ fn watch_progress(
 }
 
 /// Waits up to `limit` for a stream task; `None` when it did not end.
-async fn settle<T>(task: JoinHandle<T>, limit: Duration) -> Option<T> {
+pub(crate) async fn settle<T>(task: JoinHandle<T>, limit: Duration) -> Option<T> {
     let abort = task.abort_handle();
     match tokio::time::timeout(limit, task).await {
         Ok(Ok(v)) => Some(v),
@@ -299,6 +312,16 @@ pub async fn import(client: &Client, args: ImportArgs) -> Result<(), Failure> {
              which names the images: list them with `berth images ls`"
         )));
     };
+    print_saved(client, &what, saved).await
+}
+
+/// Prints `NAME<TAB>DIGEST` for each image a transfer saved, looking the digests up in the
+/// images service; `what` says which command failed.
+pub(crate) async fn print_saved(
+    client: &Client,
+    what: &str,
+    saved: Vec<String>,
+) -> Result<(), Failure> {
     let mut images = client.images();
     let mut lines = String::new();
     for name in saved {

@@ -5,28 +5,19 @@
 //! naming the registry host and this command answers with the user and password (as ctr
 //! does with its credential helper). The password is never printed.
 
-use std::io::Write as _;
-use std::time::Duration;
-
-use berth_proto::containerd::services::images::v1::GetImageRequest;
 use berth_proto::containerd::services::transfer::v1::{TransferOptions, TransferRequest};
 use berth_proto::containerd::types::Platform;
 use berth_proto::containerd::types::transfer::{
-    AuthRequest, AuthResponse, AuthType, ImageStore, OciRegistry, Progress, RegistryResolver,
-    UnpackConfiguration,
+    AuthRequest, AuthResponse, AuthType, ImageStore, OciRegistry, RegistryResolver,
 };
 use berth_proto::type_url;
 use tokio::task::JoinHandle;
 
 use crate::client::{Client, Failure};
+use crate::images;
 use crate::platform;
 use crate::progress::{Display, Mode};
 use crate::stream::{self, ClientStream};
-
-/// How long to wait, once the daemon has answered, for the progress stream to end.
-const SETTLE: Duration = Duration::from_secs(30);
-/// The progress event of an image record written.
-const SAVED: &str = "saved";
 
 /// `berth pull`.
 #[derive(Debug, Clone, clap::Args)]
@@ -60,22 +51,8 @@ pub struct PullArgs {
 
 /// The transfer destination of a pull: the platforms to fetch and the unpacks to do.
 pub fn pull_store(args: &PullArgs) -> ImageStore {
-    let wanted = if args.platform.is_empty() {
-        vec![platform::host()]
-    } else {
-        args.platform.clone()
-    };
-    let unpacks = if args.no_unpack {
-        Vec::new()
-    } else {
-        wanted
-            .iter()
-            .map(|p| UnpackConfiguration {
-                platform: Some(p.clone()),
-                snapshotter: args.snapshotter.clone().unwrap_or_default(),
-            })
-            .collect()
-    };
+    let (wanted, unpacks) =
+        images::platforms_and_unpacks(&args.platform, args.no_unpack, args.snapshotter.as_deref());
     ImageStore {
         name: args.reference.clone(),
         platforms: wanted,
@@ -146,40 +123,22 @@ pub async fn pull(client: &Client, args: PullArgs) -> Result<(), Failure> {
             progress_stream: progress.id().to_owned(),
         }),
     };
-    let mut display = Display::new(args.progress);
-    let watcher = tokio::spawn(async move {
-        let mut saved: Vec<String> = Vec::new();
-        let _ = stream::receive_messages(progress, |any| {
-            let Ok(p) = type_url::from_any::<Progress>(&any) else {
-                return;
-            };
-            if p.event == SAVED && !p.name.is_empty() && !saved.contains(&p.name) {
-                saved.push(p.name.clone());
-            }
-            display.event(&p);
-        })
-        .await;
-        (display, saved)
-    });
+    let watcher = images::watch_progress(progress, Display::new(args.progress));
     let answer = client.transfer().transfer(request).await;
     if let Some(task) = auth_task {
         task.abort();
     }
-    let abort = watcher.abort_handle();
     let limit = if answer.is_ok() {
-        SETTLE
+        images::SETTLE
     } else {
-        Duration::from_secs(2)
+        images::SETTLE_FAILED
     };
-    let saved = match tokio::time::timeout(limit, watcher).await {
-        Ok(Ok((display, saved))) => {
+    let saved = match images::settle(watcher, limit).await {
+        Some((display, saved)) => {
             display.finish();
             saved
         }
-        _ => {
-            abort.abort();
-            Vec::new()
-        }
+        None => Vec::new(),
     };
     answer.map_err(|s| Failure::status(&what, &s))?;
     if saved.is_empty() {
@@ -188,29 +147,7 @@ pub async fn pull(client: &Client, args: PullArgs) -> Result<(), Failure> {
              images with `berth images ls`"
         )));
     }
-    let mut images = client.images();
-    let mut lines = String::new();
-    for name in saved {
-        let image = images
-            .get(GetImageRequest { name: name.clone() })
-            .await
-            .map_err(|s| Failure::status(format!("{what}: looking up image {name}"), &s))?
-            .into_inner()
-            .image;
-        let digest = image
-            .and_then(|i| i.target)
-            .map(|t| t.digest)
-            .unwrap_or_default();
-        lines.push_str(&format!("{name}\t{digest}\n"));
-    }
-    let mut out = std::io::stdout().lock();
-    match out.write_all(lines.as_bytes()).and_then(|()| out.flush()) {
-        // A closed pipe (`| head`) is not an error.
-        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => {
-            Err(Failure::io("writing to standard output", &e))
-        }
-        _ => Ok(()),
-    }
+    images::print_saved(client, &what, saved).await
 }
 
 #[cfg(test)]
