@@ -21,6 +21,7 @@ pub mod events;
 pub mod filters;
 pub mod labels;
 pub mod metadata;
+pub mod mount;
 pub mod namespace;
 pub mod registry;
 pub mod serve;
