@@ -33,7 +33,7 @@ async fn served() -> (tempfile::TempDir, Served, Raw<tonic::transport::Channel>)
         .expect("open");
     let metadata = metadata_over(dir.path(), Backend::Native, backend).expect("metadata");
     let sn = metadata.snapshotter("native").expect("snapshotter");
-    let served = Served::start(SnapshotsService::new([("native".to_owned(), sn)].into()));
+    let served = Served::services(&[&SnapshotsService::new([("native".to_owned(), sn)].into())]);
     let raw = Raw::new(served.channel().await);
     (dir, served, raw)
 }
@@ -159,7 +159,7 @@ async fn a_proxy_server_ignores_the_snapshotter_name() {
         .open(&dir.path().join("sn"))
         .await
         .expect("open");
-    let served = Served::start(SnapshotsService::only(backend));
+    let served = Served::services(&[&SnapshotsService::only(backend)]);
     let client = SnapshotsClient::new(served.channel().await, "my-proxy");
     assert_eq!(client.name(), "my-proxy");
     let cx = namespaced("any");

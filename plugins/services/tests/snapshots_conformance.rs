@@ -36,7 +36,7 @@ async fn expose(
     if !remote {
         return (sn, None);
     }
-    let served = Served::start(SnapshotsService::new([(name.to_owned(), sn)].into()));
+    let served = Served::services(&[&SnapshotsService::new([(name.to_owned(), sn)].into())]);
     let client = SnapshotsClient::new(served.channel().await, name);
     (Arc::new(client), Some(served))
 }

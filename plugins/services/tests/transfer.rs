@@ -2,6 +2,8 @@
 //! client drives them (`core/streaming/proxy`, `core/transfer/streaming`): import with unpack
 //! and progress, export, and the error cases.
 
+mod testing;
+
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
@@ -10,7 +12,6 @@ use berth_core::content::Digest;
 use berth_core::events::Exchange;
 use berth_core::metadata::{MetaStore, Metadata, MetadataConfig};
 use berth_core::namespace::{GRPC_HEADER, Namespace};
-use berth_core::serve::{GrpcService, MessageLimits, ServeOptions, Shutdown, serve};
 use berth_core::snapshot::Snapshotter;
 use berth_core::testing::{MemoryContentStore, MemorySnapshotter};
 use berth_proto::containerd::services::streaming::v1::StreamInit;
@@ -28,30 +29,21 @@ use berth_services::transfer::TransferService;
 use berth_transfer::testing::RecordingDiffer;
 use berth_transfer::{LocalTransfer, TransferConfig, UnpackConfig};
 use prost_types::Any;
+use testing::serving::Served;
 use tokio::sync::mpsc;
 use tokio_stream::StreamExt;
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 
-const LIMITS: MessageLimits = MessageLimits {
-    max_recv: 16 << 20,
-    max_send: 16 << 20,
-};
 const NS: &str = "default";
 const NAME: &str = "example.com/served/image:1";
 
 struct Server {
-    dir: tempfile::TempDir,
-    shutdown: Shutdown,
+    _dir: tempfile::TempDir,
+    served: Served,
     metadata: Arc<Metadata>,
     differ: Arc<RecordingDiffer>,
     streams: Arc<StreamManager>,
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        self.shutdown.trigger();
-    }
 }
 
 impl Server {
@@ -86,22 +78,13 @@ impl Server {
         let transfer =
             Arc::new(LocalTransfer::new(metadata.clone(), differs, config).expect("transfer"));
         let streams = Arc::new(StreamManager::new());
-        let mut routes = tonic::service::RoutesBuilder::default();
-        StreamingService::new(streams.clone()).add_to(&mut routes, LIMITS);
-        TransferService::new(transfer, streams.clone()).add_to(&mut routes, LIMITS);
-        let listener = tokio::net::UnixListener::bind(dir.path().join("berth.sock")).expect("bind");
-        let shutdown = Shutdown::new();
-        tokio::spawn(serve(
-            routes.routes(),
-            listener,
-            shutdown.clone(),
-            ServeOptions {
-                drain: Duration::from_secs(1),
-            },
-        ));
+        let served = Served::services(&[
+            &StreamingService::new(streams.clone()),
+            &TransferService::new(transfer, streams.clone()),
+        ]);
         Server {
-            dir,
-            shutdown,
+            _dir: dir,
+            served,
             metadata,
             differ,
             streams,
@@ -109,17 +92,7 @@ impl Server {
     }
 
     async fn channel(&self) -> Channel {
-        let socket = self.dir.path().join("berth.sock");
-        Endpoint::from_static("http://localhost")
-            .connect_with_connector(tower::service_fn(move |_: tonic::transport::Uri| {
-                let socket = socket.clone();
-                async move {
-                    let stream = tokio::net::UnixStream::connect(socket).await?;
-                    Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(stream))
-                }
-            }))
-            .await
-            .expect("connect")
+        self.served.channel().await
     }
 
     fn image_names(&self) -> Vec<String> {

@@ -1,80 +1,25 @@
-//! Shared by the snapshots tests: a `SnapshotsService` on a unix socket, and the snapshotter
+//! Shared by the snapshots tests: the server harness (`testing/serving.rs`), and the snapshotter
 //! fixtures (native and overlay, bare or behind the core's metadata wrapper).
 
 // Each test crate compiles this module and uses only part of it.
 #![allow(dead_code)]
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
-use std::time::Duration;
 
 use berth_core::content::CallContext;
 use berth_core::events::Exchange;
 use berth_core::metadata::{MetaStore, Metadata, MetadataConfig};
 use berth_core::namespace::Namespace;
-use berth_core::serve::{GrpcService, MessageLimits, ServeOptions, Shutdown, serve};
 use berth_core::snapshot::Snapshotter;
-use berth_services::snapshots::SnapshotsService;
-use tonic::transport::{Channel, Endpoint};
 
-/// containerd's limits, as berthd configures them.
-pub const LIMITS: MessageLimits = MessageLimits {
-    max_recv: 16 << 20,
-    max_send: 16 << 20,
-};
+#[path = "../testing/serving.rs"]
+mod serving;
 
-/// A running server; it shuts down (and its socket directory goes) when dropped.
-pub struct Served {
-    dir: tempfile::TempDir,
-    shutdown: Shutdown,
-}
-
-impl Drop for Served {
-    fn drop(&mut self) {
-        self.shutdown.trigger();
-    }
-}
-
-impl Served {
-    /// Serves `service` through its own `GrpcService::add_to`, as berthd does.
-    pub fn start(service: SnapshotsService) -> Served {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let mut routes = tonic::service::RoutesBuilder::default();
-        service.add_to(&mut routes, LIMITS);
-        let listener =
-            tokio::net::UnixListener::bind(dir.path().join("snapshots.sock")).expect("bind");
-        let shutdown = Shutdown::new();
-        tokio::spawn(serve(
-            routes.routes(),
-            listener,
-            shutdown.clone(),
-            ServeOptions {
-                drain: Duration::from_secs(1),
-            },
-        ));
-        Served { dir, shutdown }
-    }
-
-    fn socket(&self) -> PathBuf {
-        self.dir.path().join("snapshots.sock")
-    }
-
-    /// A new connection to the server.
-    pub async fn channel(&self) -> Channel {
-        let socket = self.socket();
-        Endpoint::from_static("http://localhost")
-            .connect_with_connector(tower::service_fn(move |_: tonic::transport::Uri| {
-                let socket = socket.clone();
-                async move {
-                    let stream = tokio::net::UnixStream::connect(socket).await?;
-                    Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(stream))
-                }
-            }))
-            .await
-            .expect("connect")
-    }
-}
+// Each test crate uses part of it.
+#[allow(unused_imports)]
+pub use serving::{LIMITS, Served};
 
 /// Which backend.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

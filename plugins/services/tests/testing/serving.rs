@@ -1,4 +1,4 @@
-//! A content store served by `ContentService` on a unix socket in a temporary directory.
+//! gRPC services served on a unix socket in a temporary directory, as berthd serves them.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -28,13 +28,19 @@ impl Drop for Served {
 }
 
 impl Served {
-    /// Serves `store` through the service's own `GrpcService::add_to`, as berthd does.
+    /// Serves `store` with `ContentService`.
     pub fn start(store: Arc<dyn ContentStore>) -> Served {
+        Served::services(&[&ContentService::new(store)])
+    }
+
+    /// Serves `services`, each through its own `GrpcService::add_to`, as berthd does.
+    pub fn services(services: &[&dyn GrpcService]) -> Served {
         let dir = tempfile::tempdir().expect("tempdir");
         let mut routes = tonic::service::RoutesBuilder::default();
-        ContentService::new(store).add_to(&mut routes, LIMITS);
-        let listener =
-            tokio::net::UnixListener::bind(dir.path().join("content.sock")).expect("bind");
+        for service in services {
+            service.add_to(&mut routes, LIMITS);
+        }
+        let listener = tokio::net::UnixListener::bind(dir.path().join("berth.sock")).expect("bind");
         let shutdown = Shutdown::new();
         tokio::spawn(serve(
             routes.routes(),
@@ -48,7 +54,7 @@ impl Served {
     }
 
     fn socket(&self) -> PathBuf {
-        self.dir.path().join("content.sock")
+        self.dir.path().join("berth.sock")
     }
 
     /// A new connection to the server.
