@@ -454,18 +454,18 @@ async fn names_follow_containerds_reference_rules() {
     assert_eq!(f.image_names("default"), [NAME]);
 }
 
-#[tokio::test]
-async fn docker_layers_get_media_types_by_content_and_links_resolve() {
-    // A gzip layer keeps its bytes and gets the gzip media type.
-    let plain = layer_tar(&[("a", b"a")]);
-    let mut img = image();
-    img.layers[1] = gzip(&plain);
-    let f = Fixture::new();
+/// Imports `archive` into namespace `default`; returns the first image's manifest digest
+/// and the manifest.
+async fn imported_manifest(
+    f: &Fixture,
+    archive: Vec<u8>,
+    options: &ImportOptions,
+) -> (Digest, berth_transfer::oci::ParsedManifest) {
     let report = import::import(
         &f.stores,
         &f.cx("default"),
-        source(docker_archive(&img, &[NAME])),
-        &options(only(amd64())),
+        source(archive),
+        options,
         &[],
         &NoProgress,
     )
@@ -480,6 +480,18 @@ async fn docker_layers_get_media_types_by_content_and_links_resolve() {
     .await
     .expect("manifest");
     let parsed = berth_transfer::oci::parse_manifest(&bytes, &manifest).expect("parse");
+    (manifest, parsed)
+}
+
+#[tokio::test]
+async fn docker_layers_get_media_types_by_content_and_links_resolve() {
+    // A gzip layer keeps its bytes and gets the gzip media type.
+    let plain = layer_tar(&[("a", b"a")]);
+    let mut img = image();
+    img.layers[1] = gzip(&plain);
+    let f = Fixture::new();
+    let (_, parsed) =
+        imported_manifest(&f, docker_archive(&img, &[NAME]), &options(only(amd64()))).await;
     assert_eq!(parsed.layers[0].media_type, media::DOCKER_LAYER);
     assert_eq!(parsed.layers[1].media_type, media::DOCKER_LAYER_GZIP);
 
@@ -490,25 +502,7 @@ async fn docker_layers_get_media_types_by_content_and_links_resolve() {
         force_compress: true,
         ..options(only(amd64()))
     };
-    let report = import::import(
-        &f.stores,
-        &f.cx("default"),
-        source(docker_archive(&img, &[NAME])),
-        &opts,
-        &[],
-        &NoProgress,
-    )
-    .await
-    .expect("import");
-    let manifest = report.images[0].target.digest.clone();
-    let bytes = berth_transfer::store::read_document(
-        f.stores.content.as_ref(),
-        &f.cx("default"),
-        &manifest,
-    )
-    .await
-    .expect("manifest");
-    let parsed = berth_transfer::oci::parse_manifest(&bytes, &manifest).expect("parse");
+    let (manifest, parsed) = imported_manifest(&f, docker_archive(&img, &[NAME]), &opts).await;
     assert!(
         parsed
             .layers
