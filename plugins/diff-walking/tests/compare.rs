@@ -53,6 +53,12 @@ impl Setup {
         }
     }
 
+    /// No ingest is left behind (a failed or finished compare cleans up after itself).
+    fn assert_no_ingest(&self) {
+        let refs = self.store.ingest_refs();
+        assert!(refs.is_empty(), "ingests left: {refs:?}");
+    }
+
     fn dir(&self, name: &str) -> PathBuf {
         let p = self.tmp.path().join(name);
         fs::create_dir_all(&p).expect("mkdir");
@@ -563,11 +569,7 @@ async fn media_types_give_the_same_uncompressed_layer_and_labels() {
         1,
         "one tar, three compressions: {diff_ids:?}"
     );
-    assert!(
-        s.store.ingest_refs().is_empty(),
-        "{:?}",
-        s.store.ingest_refs()
-    );
+    s.assert_no_ingest();
 }
 
 #[tokio::test]
@@ -655,23 +657,10 @@ fn overlay(lower: &[&Path], upper: &Path, work: &Path) -> Mount {
     }
 }
 
-fn mount_overlay(m: &Mount, at: &Path) {
-    nix::mount::mount(
-        Some("overlay"),
-        at,
-        Some("overlay"),
-        nix::mount::MsFlags::empty(),
-        Some(m.options.join(",").as_str()),
-    )
-    .expect("mount overlay");
-}
-
-/// Unmounts on drop, so a failing test leaves nothing mounted.
-struct Unmount(PathBuf);
-impl Drop for Unmount {
-    fn drop(&mut self) {
-        let _ = nix::mount::umount2(&self.0, nix::mount::MntFlags::MNT_DETACH);
-    }
+/// Mounts `m` on `at` until the guard drops, so a failing test leaves nothing mounted.
+fn mount_overlay(m: &Mount, at: &Path) -> berth_core::mount::Mounted {
+    berth_core::mount::mount_all(std::slice::from_ref(m), at, berth_core::mount::mount)
+        .expect("mount overlay")
 }
 
 #[tokio::test]
@@ -689,8 +678,7 @@ async fn an_overlay_upper_diffs_with_per_entry_whiteouts() {
     let (upper, work, merged) = (s.dir("upper"), s.dir("work"), s.dir("merged"));
     let m = overlay(&[&base], &upper, &work);
     {
-        mount_overlay(&m, &merged);
-        let _guard = Unmount(merged.clone());
+        let _guard = mount_overlay(&m, &merged);
         write(&merged.join("etc/added"), b"added", 0o644);
         fs::write(merged.join("etc/hosts"), b"changed through overlay\n").expect("modify");
         fs::remove_file(merged.join("etc/passwd")).expect("rm");
@@ -703,8 +691,7 @@ async fn an_overlay_upper_diffs_with_per_entry_whiteouts() {
     expected_view.options.retain(|o| o.starts_with("lowerdir="));
     let want = {
         let view = s.dir("view");
-        mount_overlay(&expected_view, &view);
-        let _guard = Unmount(view.clone());
+        let _guard = mount_overlay(&expected_view, &view);
         tree(&view)
     };
 
@@ -749,7 +736,7 @@ async fn an_unknown_media_type_is_invalid_argument_and_writes_nothing() {
     assert_eq!(err.kind(), ErrorKind::InvalidArgument, "{err}");
     assert!(err.to_string().contains("application/x-cpio"), "{err}");
     assert_eq!(s.store.blob_count(), 0);
-    assert!(s.store.ingest_refs().is_empty());
+    s.assert_no_ingest();
 }
 
 #[tokio::test]
@@ -786,11 +773,7 @@ async fn failures_unmount_and_drop_the_ingest() {
     assert!(err.to_string().contains("\"bad\""), "names the file: {err}");
     s.assert_mount_dir_clean();
     assert_eq!(s.store.blob_count(), 0);
-    assert!(
-        s.store.ingest_refs().is_empty(),
-        "{:?}",
-        s.store.ingest_refs()
-    );
+    s.assert_no_ingest();
 }
 
 #[tokio::test]
@@ -824,7 +807,7 @@ async fn a_named_reference_is_started_over() {
         .await
         .expect("compare");
     assert_eq!(entries(&blob), ["file"]);
-    assert!(s.store.ingest_refs().is_empty());
+    s.assert_no_ingest();
 }
 
 #[tokio::test]
