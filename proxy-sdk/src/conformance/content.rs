@@ -34,11 +34,10 @@
 //! ```
 
 use std::collections::BTreeSet;
-use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use berth_core::content::{
     CallContext, ContentStore, ContentWriter, Digest, Digester, Info, Status, WriterRequest,
@@ -49,7 +48,7 @@ use berth_core::labels::Labels;
 use berth_core::{Error, ErrorKind, Result};
 use tokio_stream::StreamExt;
 
-use super::{Outcome, Report, SuiteFailure, run_guarded, run_suite};
+use super::{Outcome, Report, SLACK, SuiteFailure, Window, run_guarded, run_suite};
 
 /// What an implementation does that others legitimately do not. Build it with
 /// `Capabilities { labels: true, ..Capabilities::default() }`, so new flags default to off.
@@ -217,10 +216,6 @@ suite![
     namespace_is_required,
     reopen_keeps_blobs_and_ingests,
 ];
-
-/// Filesystem timestamps come from a coarse clock (a scheduler tick behind the time a test
-/// reads just before), so time windows are widened by this much.
-const SLACK: Duration = Duration::from_millis(100);
 
 struct Env<F: ContentStoreFactory> {
     factory: Arc<F>,
@@ -420,48 +415,6 @@ fn same_bytes(got: &[u8], want: &[u8], what: &str) -> Step {
         got.len(),
         want.len()
     ))
-}
-
-/// A span of time something must have happened in.
-#[derive(Clone, Copy)]
-struct Window {
-    from: SystemTime,
-    to: SystemTime,
-}
-
-impl Window {
-    fn start() -> Self {
-        let now = SystemTime::now();
-        Window { from: now, to: now }
-    }
-
-    fn close(mut self) -> Self {
-        self.to = SystemTime::now();
-        self
-    }
-
-    fn check(&self, t: SystemTime, what: &str) -> Step {
-        let early = self.from.checked_sub(SLACK).unwrap_or(UNIX_EPOCH);
-        ensure!(
-            t >= early && t <= self.to + SLACK,
-            "{what}: {} is outside [{}, {}]",
-            Unix(t),
-            Unix(self.from),
-            Unix(self.to)
-        );
-        Ok(())
-    }
-}
-
-struct Unix(SystemTime);
-
-impl fmt::Display for Unix {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self.0.duration_since(UNIX_EPOCH) {
-            Ok(d) => write!(f, "{}.{:09}", d.as_secs(), d.subsec_nanos()),
-            Err(_) => f.write_str("before 1970"),
-        }
-    }
 }
 
 /// Deterministic pseudo-random bytes, different for every seed.

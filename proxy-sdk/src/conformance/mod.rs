@@ -8,7 +8,7 @@
 
 use std::fmt;
 use std::future::Future;
-use std::time::Duration;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 pub mod content;
 pub mod snapshotter;
@@ -123,5 +123,57 @@ pub(crate) async fn run_guarded<T: Send + 'static>(
             Err(format!("panicked: {text}"))
         }
         Err(join) => Err(format!("case task failed: {join}")),
+    }
+}
+
+/// Timestamps come from a coarse clock (a scheduler tick behind the time a test reads just
+/// before), so time windows are widened by this much.
+pub(crate) const SLACK: Duration = Duration::from_millis(100);
+
+/// A span of time something must have happened in.
+#[derive(Clone, Copy)]
+pub(crate) struct Window {
+    from: SystemTime,
+    to: SystemTime,
+}
+
+impl Window {
+    /// A window opening now.
+    pub(crate) fn start() -> Self {
+        let now = SystemTime::now();
+        Window { from: now, to: now }
+    }
+
+    /// The window, closed now.
+    pub(crate) fn close(mut self) -> Self {
+        self.to = SystemTime::now();
+        self
+    }
+
+    /// Whether `t` lies in the window (widened by [`SLACK`]); `what` names it in the error.
+    pub(crate) fn check(&self, t: SystemTime, what: &str) -> Result<(), String> {
+        let early = self.from.checked_sub(SLACK).unwrap_or(UNIX_EPOCH);
+        if t >= early && t <= self.to + SLACK {
+            Ok(())
+        } else {
+            Err(format!(
+                "{what}: {} is outside [{}, {}]",
+                Unix(t),
+                Unix(self.from),
+                Unix(self.to)
+            ))
+        }
+    }
+}
+
+/// A time shown as Unix seconds with nanoseconds.
+struct Unix(SystemTime);
+
+impl fmt::Display for Unix {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.0.duration_since(UNIX_EPOCH) {
+            Ok(d) => write!(f, "{}.{:09}", d.as_secs(), d.subsec_nanos()),
+            Err(_) => f.write_str("before 1970"),
+        }
     }
 }

@@ -46,13 +46,12 @@ pub mod mount;
 pub mod tree;
 
 use std::collections::BTreeSet;
-use std::fmt;
 use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use berth_core::content::CallContext;
 use berth_core::error::Classify;
@@ -61,7 +60,7 @@ use berth_core::labels::Labels;
 use berth_core::snapshot::{Mount, SnapshotInfo, SnapshotKind, Snapshotter, Usage};
 use berth_core::{Error, ErrorKind, Result};
 
-use super::{Outcome, Report, SuiteFailure, run_guarded, run_suite};
+use super::{Outcome, Report, SuiteFailure, Window, run_guarded, run_suite};
 use mount::MountError;
 use tree::{Op, Tree, chown, dir, file, remove};
 
@@ -192,9 +191,6 @@ macro_rules! ensure_eq {
 /// How long one case may take before it counts as hung (the many-layer case mounts 130
 /// times; a copying snapshotter copies a growing tree each time).
 const CASE_TIMEOUT: Duration = Duration::from_secs(300);
-
-/// Clocks are coarse: time windows are widened by this much.
-const SLACK: Duration = Duration::from_millis(100);
 
 /// Why a case stopped early.
 enum Stop {
@@ -535,48 +531,6 @@ async fn apply_plain(path: &Path, ops: &[Op]) -> Step {
         .await
         .map_err(|e| format!("apply task failed: {e}"))?
         .map_err(|e| Stop::Fail(format!("flat tree: {e}")))
-}
-
-/// A span of time something must have happened in.
-#[derive(Clone, Copy)]
-struct Window {
-    from: SystemTime,
-    to: SystemTime,
-}
-
-impl Window {
-    fn start() -> Self {
-        let now = SystemTime::now();
-        Window { from: now, to: now }
-    }
-
-    fn close(mut self) -> Self {
-        self.to = SystemTime::now();
-        self
-    }
-
-    fn check(&self, t: SystemTime, what: &str) -> Step {
-        let early = self.from.checked_sub(SLACK).unwrap_or(UNIX_EPOCH);
-        ensure!(
-            t >= early && t <= self.to + SLACK,
-            "{what}: {} is outside [{}, {}]",
-            Unix(t),
-            Unix(self.from),
-            Unix(self.to)
-        );
-        Ok(())
-    }
-}
-
-struct Unix(SystemTime);
-
-impl fmt::Display for Unix {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self.0.duration_since(UNIX_EPOCH) {
-            Ok(d) => write!(f, "{}.{:09}", d.as_secs(), d.subsec_nanos()),
-            Err(_) => f.write_str("before 1970"),
-        }
-    }
 }
 
 /// Checks a Stat answer's name, kind and parent.
