@@ -1,66 +1,19 @@
 //! The compression of a whole archive, detected by magic number (never by file name or media
 //! type, containerd PR 9989), and the check that what comes out is a tar.
 //!
-//! gzip, zstd (skippable frames included) and xz (beyond containerd) are decompressed; a
+//! Detection and decompression are the walking differ's ([`berth_diff_walking::decompress`]:
+//! gzip, zstd with skippable frames, and xz beyond containerd), the same as for layers; a
 //! stream that is none of these must start with a valid tar header, else it is refused
 //! naming what it looks like (bzip2, lz4, zip) so the user knows what to do.
 
 use std::fmt;
-use std::io::{self, BufReader, Chain, Cursor, Read};
+use std::io::{self, Cursor, Read};
+
+pub use berth_diff_walking::Compression;
 
 use crate::error::{Error, Result};
 
-const GZIP_MAGIC: &[u8] = &[0x1f, 0x8b];
-const ZSTD_MAGIC: &[u8] = &[0x28, 0xb5, 0x2f, 0xfd];
-const XZ_MAGIC: &[u8] = &[0xfd, 0x37, 0x7a, 0x58, 0x5a, 0x00];
 const TAR_BLOCK: usize = 512;
-
-/// How an archive is compressed.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Compression {
-    /// A plain tar.
-    Uncompressed,
-    /// gzip, possibly several members.
-    Gzip,
-    /// Zstandard.
-    Zstd,
-    /// xz.
-    Xz,
-}
-
-impl Compression {
-    /// The compression of a stream starting with `prefix`; `None` when it is none of the
-    /// known ones (it may still be a plain tar).
-    pub fn detect(prefix: &[u8]) -> Option<Compression> {
-        if prefix.starts_with(GZIP_MAGIC) {
-            Some(Compression::Gzip)
-        } else if prefix.starts_with(ZSTD_MAGIC)
-            || (prefix.len() >= 4 && prefix[0] & 0xf0 == 0x50 && prefix[1..4] == [0x2a, 0x4d, 0x18])
-        {
-            Some(Compression::Zstd)
-        } else if prefix.starts_with(XZ_MAGIC) {
-            Some(Compression::Xz)
-        } else {
-            None
-        }
-    }
-
-    /// A short name: `uncompressed`, `gzip`, `zstd`, `xz`.
-    pub fn name(self) -> &'static str {
-        match self {
-            Compression::Uncompressed => "uncompressed",
-            Compression::Gzip => "gzip",
-            Compression::Zstd => "zstd",
-            Compression::Xz => "xz",
-        }
-    }
-}
-
-impl fmt::Display for Compression {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.name())
-    }
-}
 
 /// What an unknown stream looks like, for the error message.
 fn guess_format(prefix: &[u8]) -> Option<&'static str> {
@@ -123,31 +76,6 @@ fn read_up_to<R: Read>(reader: &mut R, buf: &mut [u8]) -> io::Result<usize> {
     Ok(filled)
 }
 
-type Prefixed<R> = Chain<Cursor<Vec<u8>>, R>;
-
-enum Inner<R: Read> {
-    Plain(Prefixed<R>),
-    Gzip(flate2::read::MultiGzDecoder<Prefixed<R>>),
-    Zstd(Box<zstd::stream::read::Decoder<'static, BufReader<Prefixed<R>>>>),
-    Xz(liblzma::read::XzDecoder<Prefixed<R>>),
-}
-
-/// A reader of the decompressed archive.
-pub struct Decompressed<R: Read> {
-    inner: Inner<R>,
-}
-
-impl<R: Read> Read for Decompressed<R> {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        match &mut self.inner {
-            Inner::Plain(r) => r.read(buf),
-            Inner::Gzip(r) => r.read(buf),
-            Inner::Zstd(r) => r.read(buf),
-            Inner::Xz(r) => r.read(buf),
-        }
-    }
-}
-
 /// Maps an I/O error of the source or decoder to an archive error; a source error that
 /// carries a core error (the client went away, the stream broke) keeps it.
 pub(crate) fn io_error(err: io::Error, what: &str) -> Error {
@@ -172,37 +100,25 @@ impl std::error::Error for SourceError {}
 /// Detects the archive's compression, checks that the (decompressed) stream starts with a
 /// tar header, and returns a reader of the tar. Unknown formats, corrupt compressed data at
 /// the start and empty streams are [`Error::Archive`].
-pub fn open_archive<R: Read + 'static>(mut reader: R) -> Result<(Compression, Box<dyn Read>)> {
-    let mut prefix = vec![0u8; TAR_BLOCK];
-    let n = read_up_to(&mut reader, &mut prefix).map_err(|e| io_error(e, "reading the archive"))?;
-    prefix.truncate(n);
-    if n == 0 {
-        return Err(Error::archive("the stream is empty"));
-    }
-    let source = Cursor::new(prefix.clone()).chain(reader);
-    let compression = Compression::detect(&prefix).unwrap_or(Compression::Uncompressed);
-    let inner = match compression {
-        Compression::Uncompressed => Inner::Plain(source),
-        Compression::Gzip => Inner::Gzip(flate2::read::MultiGzDecoder::new(source)),
-        Compression::Zstd => Inner::Zstd(Box::new(
-            zstd::stream::read::Decoder::new(source)
-                .map_err(|e| Error::archive(format!("cannot start zstd decoding: {e}")))?,
-        )),
-        Compression::Xz => Inner::Xz(liblzma::read::XzDecoder::new_multi_decoder(source)),
-    };
-    let mut tar = Decompressed { inner };
+pub fn open_archive<R: Read + 'static>(reader: R) -> Result<(Compression, Box<dyn Read>)> {
+    let (compression, mut tar) =
+        berth_diff_walking::decompress(reader).map_err(|e| io_error(e, "reading the archive"))?;
     // Look at the first tar block before handing the stream on: an unknown format must fail
     // here with a message that says so, not deep in the tar parser.
     let mut block = vec![0u8; TAR_BLOCK];
     let got = read_up_to(&mut tar, &mut block)
         .map_err(|e| io_error(e, &format!("the archive is not valid {compression} data")))?;
     block.truncate(got);
+    if got == 0 && compression == Compression::Uncompressed {
+        return Err(Error::archive("the stream is empty"));
+    }
     if !is_tar_header(&block) {
+        // Uncompressed, the first block is the stream's own first bytes.
         let what = if compression == Compression::Uncompressed {
-            guess_format(&prefix).map_or_else(
+            guess_format(&block).map_or_else(
                 || {
                     let head: Vec<String> =
-                        prefix.iter().take(8).map(|b| format!("{b:02x}")).collect();
+                        block.iter().take(8).map(|b| format!("{b:02x}")).collect();
                     format!(
                         "neither a tar nor a gzip, zstd or xz compressed tar (it starts with \
                          bytes {})",

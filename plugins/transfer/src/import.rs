@@ -446,8 +446,8 @@ async fn detect_layer_type(
         head.extend_from_slice(&chunk?);
     }
     Ok(match Compression::detect(&head) {
-        None => media::DOCKER_LAYER,
-        Some(_) => media::DOCKER_LAYER_GZIP,
+        Compression::Uncompressed => media::DOCKER_LAYER,
+        _ => media::DOCKER_LAYER_GZIP,
     })
 }
 

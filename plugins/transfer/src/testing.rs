@@ -17,8 +17,6 @@ use berth_core::labels::Labels;
 use berth_core::snapshot::{Descriptor, Mount, SnapshotInfo, Snapshotter, Usage};
 use tokio_stream::StreamExt;
 
-use crate::compression::Compression;
-
 /// One apply the [`RecordingDiffer`] saw.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ApplyCall {
@@ -66,20 +64,9 @@ impl RecordingDiffer {
 
 /// Decompresses a whole layer by its magic number.
 pub fn decompress_layer(data: &[u8]) -> std::io::Result<Vec<u8>> {
+    let (_, mut reader) = berth_diff_walking::decompress(data)?;
     let mut out = Vec::new();
-    match Compression::detect(data) {
-        None => out.extend_from_slice(data),
-        Some(Compression::Gzip) => {
-            flate2::read::MultiGzDecoder::new(data).read_to_end(&mut out)?;
-        }
-        Some(Compression::Zstd) => {
-            zstd::stream::read::Decoder::new(data)?.read_to_end(&mut out)?;
-        }
-        Some(Compression::Xz) => {
-            liblzma::read::XzDecoder::new_multi_decoder(data).read_to_end(&mut out)?;
-        }
-        Some(Compression::Uncompressed) => out.extend_from_slice(data),
-    }
+    reader.read_to_end(&mut out)?;
     Ok(out)
 }
 
