@@ -277,6 +277,9 @@ impl Metadata {
                 live.insert(b.to_owned());
             }
         }
+        // A commit a crash interrupted still needs its active backend snapshot until
+        // recovery has finished it.
+        live.extend(self.snapshot_intent_keys(name)?);
         let cx = CallContext::default();
         let mut dead: Vec<crate::snapshot::SnapshotInfo> = backend
             .list(&cx, &Filter::default())

@@ -11,6 +11,8 @@
 //! o \0 <namespace> \0 <kind> \0 <id>   -> the object's record (JSON), kind one of
 //!                                         images, containers, content, snapshots/<snapshotter>,
 //!                                         sandboxes, leases, ingests
+//! j \0 <snapshotter> \0 <backend name> -> a snapshot commit whose backend half may be
+//!                                         missing after a crash (see `snapshots.rs`)
 //! ```
 //!
 //! Namespaces exist implicitly: creating an object creates its namespace record. A namespace
@@ -220,6 +222,8 @@ pub struct MetaStore {
     writer: Mutex<()>,
     flush: GroupFlush,
     no_sync: bool,
+    /// Keys to remove with the next write (see [`MetaStore::remove_with_next_write`]).
+    deferred: Mutex<Vec<Vec<u8>>>,
 }
 
 impl std::fmt::Debug for MetaStore {
@@ -266,6 +270,7 @@ impl MetaStore {
             writer: Mutex::new(()),
             flush: GroupFlush::new(),
             no_sync: config.no_sync,
+            deferred: Mutex::new(Vec::new()),
         };
         store.migrate(migrations)?;
         store.db.flush()?;
@@ -334,6 +339,11 @@ impl MetaStore {
         if txn.pending.is_empty() {
             return Ok((out, 0));
         }
+        let deferred =
+            std::mem::take(&mut *self.deferred.lock().unwrap_or_else(PoisonError::into_inner));
+        for key in deferred {
+            txn.pending.entry(key).or_insert(None);
+        }
         let mut batch = sled::Batch::default();
         for (key, value) in txn.pending {
             match value {
@@ -371,6 +381,16 @@ impl MetaStore {
             self.flush.wait(&self.db, seq).await?;
         }
         Ok(())
+    }
+
+    /// Removes `key` as part of the next write that changes anything, instead of in a write
+    /// (and a flush) of its own: for records whose removal may be lost in a crash because
+    /// whoever reads them after a restart finds them stale (a settled commit intent).
+    pub(crate) fn remove_with_next_write(&self, key: Vec<u8>) {
+        self.deferred
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push(key);
     }
 
     /// A number never handed out before by this store (monotonic across restarts).
@@ -709,13 +729,20 @@ pub fn registration() -> crate::registry::Registration {
         let store = tokio::task::spawn_blocking(move || MetaStore::open(&dir, &open_config))
             .await
             .map_err(|e| Error::internal(format!("metadata open task: {e}")))??;
-        Ok(Instance::new::<MetadataKind>(Metadata::with_snapshotters(
+        let metadata = Metadata::with_snapshotters(
             std::sync::Arc::new(store),
             events,
             content,
             snapshotters,
             config,
-        )))
+        );
+        // Before anything can collect: a commit a crash interrupted still owns its active
+        // backend snapshot.
+        let settled = metadata.recover_snapshot_commits().await?;
+        if settled > 0 {
+            tracing::info!(settled, "snapshot commits interrupted by a crash settled");
+        }
+        Ok(Instance::new::<MetadataKind>(metadata))
     })
     .requires(&[
         PluginType::EVENT,

@@ -7,6 +7,11 @@
 //! (`containerd.io/snapshot/*` and `containerd.io/snapshot.ref`). Creations under a lease join
 //! it; `/snapshot/prepare|commit|remove` are published. Remove drops the record; the backend
 //! snapshot goes with the next garbage collection, children before parents.
+//!
+//! Prepare and Commit wait for the record's flush and the backend's call (with its own flush)
+//! at the same time rather than one after the other. Commit records an intent with the
+//! committed record, so that a crash which kept the record but not the backend's commit is
+//! finished (or undone) by [`Metadata::recover_snapshot_commits`] at the next start.
 
 use std::sync::Arc;
 use std::time::SystemTime;
@@ -14,7 +19,7 @@ use std::time::SystemTime;
 use serde::{Deserialize, Serialize};
 
 use crate::content::CallContext;
-use crate::error::{Error, Result};
+use crate::error::{Classify, Error, ErrorKind, Result};
 use crate::filters::Filter;
 use crate::labels::{self, Labels};
 use crate::metadata::ObjectKind;
@@ -332,44 +337,79 @@ impl Snapshotter for MetaSnapshotter {
         // active snapshot's.
         let merged = labels;
         let _gc = self.db.gc_lock.read().await;
-        self.backend
-            .commit(
-                cx,
-                &backend_name,
-                &active.backend_key,
-                backend_labels(&merged),
-            )
-            .await?;
         let now = SystemTime::now();
         let lease = cx.lease.clone();
         let committed = SnapshotRecord {
-            backend_key: backend_name,
+            backend_key: backend_name.clone(),
             parent: active.parent.clone(),
             kind: RecordKind::Committed,
             created_at: now,
             updated_at: now,
-            labels: merged,
+            labels: merged.clone(),
         };
-        self.db
-            .store
-            .write(|txn| {
-                if txn
-                    .get_object::<SnapshotRecord>(&ns, &sn_kind, name)?
-                    .is_some()
-                {
-                    return Err(Error::already_exists(format!("snapshot {name:?}")));
+        let intent = CommitIntent {
+            namespace: ns.as_str().to_owned(),
+            key: key.to_owned(),
+            name: name.to_owned(),
+            active: active.clone(),
+            lease: lease.clone(),
+        };
+        let intent_key = intent_key(&self.name, &backend_name);
+        // The record and the backend commit reach the disk at the same time, each with its
+        // own flush, instead of one after the other. The record goes first in memory, with an
+        // intent naming the active snapshot, so a crash that keeps the record but loses the
+        // backend's commit is finished (or undone) by `recover_snapshot_commits` on the next
+        // start, before any collection could sweep the still-active backend snapshot.
+        let ((), seq) = self.db.store.write_unflushed(|txn| {
+            if txn
+                .get_object::<SnapshotRecord>(&ns, &sn_kind, name)?
+                .is_some()
+            {
+                return Err(Error::already_exists(format!("snapshot {name:?}")));
+            }
+            match txn.get_object::<SnapshotRecord>(&ns, &sn_kind, key)? {
+                Some(r) if r.backend_key == active.backend_key && r.kind == RecordKind::Active => {}
+                _ => {
+                    return Err(Error::not_found(format!(
+                        "snapshot {key:?} does not exist (removed or committed meanwhile)"
+                    )));
                 }
-                txn.remove_object(&ns, &sn_kind, key)?;
-                txn.put_object(&ns, &sn_kind, name, &committed)?;
-                if let Some(lease) = &lease {
-                    // As containerd: the call's lease now holds the committed name instead of
-                    // the active key, which no longer exists.
-                    leases::detach(txn, &ns, lease, &self.resource(key))?;
-                    leases::attach(txn, &ns, lease, self.resource(name))?;
-                }
-                Ok(())
-            })
-            .await?;
+            }
+            txn.remove_object(&ns, &sn_kind, key)?;
+            txn.put_object(&ns, &sn_kind, name, &committed)?;
+            if let Some(lease) = &lease {
+                // As containerd: the call's lease now holds the committed name instead of
+                // the active key, which no longer exists.
+                leases::detach(txn, &ns, lease, &self.resource(key))?;
+                leases::attach(txn, &ns, lease, self.resource(name))?;
+            }
+            txn.put(intent_key.clone(), encode_intent(&intent)?);
+            Ok(())
+        })?;
+        let backend_commit = self.backend.commit(
+            cx,
+            &backend_name,
+            &active.backend_key,
+            backend_labels(&merged),
+        );
+        let (flushed, backend_result) = tokio::join!(self.db.store.durable(seq), backend_commit);
+        if let Err(e) = backend_result {
+            // Nothing was committed: the active record comes back.
+            if let Err(undo) = self
+                .db
+                .store
+                .write(|txn| undo_commit(txn, &intent, &backend_name, &intent_key, &sn_kind))
+                .await
+            {
+                tracing::warn!(snapshotter = %self.name, %key, error = %undo, "cannot restore the active record after a failed commit");
+            }
+            return Err(e);
+        }
+        flushed?;
+        // Both sides are durable: the intent has nothing left to recover. Its removal rides
+        // on the next write (no batch and no flush of its own); if a crash loses it, recovery
+        // finds the commit complete and drops it then.
+        self.db.store.remove_with_next_write(intent_key);
         drop(_gc);
         self.db.mutated(Mutation::Change);
         self.publish_event(
@@ -451,5 +491,438 @@ impl Snapshotter for MetaSnapshotter {
 
     async fn cleanup(&self, cx: &CallContext) -> Result<()> {
         self.backend.cleanup(cx).await
+    }
+}
+
+/// Prefix of commit intents: `j\0<snapshotter>\0<backend name>`.
+const INTENT_PREFIX: &[u8] = b"j\0";
+
+fn intent_key(snapshotter: &str, backend_name: &str) -> Vec<u8> {
+    [
+        INTENT_PREFIX,
+        &crate::metadata::escape_id(snapshotter),
+        b"\0",
+        &crate::metadata::escape_id(backend_name),
+    ]
+    .concat()
+}
+
+/// A commit whose namespace record may be on disk before the backend's commit: what
+/// recovery needs to finish it or to put the active snapshot back.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub(crate) struct CommitIntent {
+    namespace: String,
+    key: String,
+    name: String,
+    /// The active snapshot's record as it was before the commit.
+    active: SnapshotRecord,
+    /// The lease of the commit call, which held the active key.
+    #[serde(default)]
+    lease: Option<String>,
+}
+
+fn encode_intent(intent: &CommitIntent) -> Result<Vec<u8>> {
+    serde_json::to_vec(intent).map_err(|e| Error::internal(format!("encode commit intent: {e}")))
+}
+
+/// Puts the active record of `intent` back in place of the committed one (if the committed
+/// record is still the one the intent made) and drops the intent.
+fn undo_commit(
+    txn: &mut crate::metadata::WriteTxn<'_>,
+    intent: &CommitIntent,
+    backend_name: &str,
+    intent_key: &[u8],
+    sn_kind: &ObjectKind,
+) -> Result<()> {
+    let ns = crate::namespace::Namespace::parse(&intent.namespace)?;
+    let ours = txn
+        .get_object::<SnapshotRecord>(&ns, sn_kind, &intent.name)?
+        .is_some_and(|r| r.backend_key == backend_name);
+    if ours {
+        txn.remove_object(&ns, sn_kind, &intent.name)?;
+        if txn
+            .get_object::<SnapshotRecord>(&ns, sn_kind, &intent.key)?
+            .is_none()
+        {
+            txn.put_object(&ns, sn_kind, &intent.key, &intent.active)?;
+        }
+        if let Some(lease) = &intent.lease {
+            let kind = sn_kind.encode();
+            leases::detach(
+                txn,
+                &ns,
+                lease,
+                &Resource {
+                    kind: kind.clone(),
+                    id: intent.name.clone(),
+                },
+            )?;
+            // A lease deleted meanwhile holds nothing any more.
+            let _ = leases::attach(
+                txn,
+                &ns,
+                lease,
+                Resource {
+                    kind,
+                    id: intent.key.clone(),
+                },
+            );
+        }
+    }
+    txn.remove(intent_key.to_vec());
+    Ok(())
+}
+
+impl Metadata {
+    /// Backend keys of active snapshots that a pending commit intent still needs: a
+    /// collection must not sweep them before recovery has finished the commit.
+    pub(crate) fn snapshot_intent_keys(&self, snapshotter: &str) -> Result<Vec<String>> {
+        let prefix = [
+            INTENT_PREFIX,
+            &crate::metadata::escape_id(snapshotter),
+            b"\0",
+        ]
+        .concat();
+        let mut out = Vec::new();
+        for item in self.store.tree.scan_prefix(&prefix) {
+            let (_, value) = item?;
+            if let Ok(intent) = serde_json::from_slice::<CommitIntent>(&value) {
+                out.push(intent.active.backend_key);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Finishes or undoes the snapshot commits a crash interrupted (see `commit`): where the
+    /// namespace record is committed but the backend still has the active snapshot, the
+    /// backend commit is done again; where that fails, the active record comes back. Run at
+    /// start, before any collection. Returns how many intents were settled.
+    pub async fn recover_snapshot_commits(&self) -> Result<usize> {
+        let mut settled = 0;
+        let pending: Vec<(Vec<u8>, Vec<u8>)> = self
+            .store
+            .tree
+            .scan_prefix(INTENT_PREFIX)
+            .map(|item| item.map(|(k, v)| (k.to_vec(), v.to_vec())))
+            .collect::<std::result::Result<_, _>>()?;
+        for (key, value) in pending {
+            let mut parts = key[INTENT_PREFIX.len()..].splitn(2, |&b| b == 0);
+            let snapshotter = crate::metadata::unescape_id(parts.next().unwrap_or_default());
+            let backend_name = crate::metadata::unescape_id(parts.next().unwrap_or_default());
+            let Some(backend) = self.snapshot_backends.get(&snapshotter) else {
+                tracing::warn!(%snapshotter, %backend_name, "a commit intent names a snapshotter that is not loaded: kept for a later start");
+                continue;
+            };
+            let sn_kind = ObjectKind::Snapshots(snapshotter.clone());
+            let intent: CommitIntent = match serde_json::from_slice(&value) {
+                Ok(i) => i,
+                Err(e) => {
+                    tracing::warn!(%snapshotter, %backend_name, error = %e, "dropping an unreadable commit intent");
+                    self.store
+                        .write(|txn| {
+                            txn.remove(key.clone());
+                            Ok(())
+                        })
+                        .await?;
+                    continue;
+                }
+            };
+            let cx = CallContext::default();
+            let finished = match backend.stat(&cx, &backend_name).await {
+                Ok(_) => true,
+                Err(e) if e.kind() == ErrorKind::NotFound => {
+                    let labels = self
+                        .store
+                        .get_object::<SnapshotRecord>(
+                            &crate::namespace::Namespace::parse(&intent.namespace)?,
+                            &sn_kind,
+                            &intent.name,
+                        )?
+                        .filter(|r| r.backend_key == backend_name)
+                        .map(|r| backend_labels(&r.labels));
+                    match labels {
+                        // The committed record is gone (undone or removed): nothing to finish.
+                        None => false,
+                        Some(labels) => match backend
+                            .commit(&cx, &backend_name, &intent.active.backend_key, labels)
+                            .await
+                        {
+                            Ok(()) => {
+                                tracing::info!(%snapshotter, name = %intent.name, "finished a snapshot commit interrupted by a crash");
+                                true
+                            }
+                            Err(e) => {
+                                tracing::warn!(%snapshotter, name = %intent.name, key = %intent.key, error = %e, "cannot finish a snapshot commit interrupted by a crash: the active snapshot comes back");
+                                false
+                            }
+                        },
+                    }
+                }
+                Err(e) => return Err(e),
+            };
+            self.store
+                .write(|txn| {
+                    if finished {
+                        txn.remove(key.clone());
+                        Ok(())
+                    } else {
+                        undo_commit(txn, &intent, &backend_name, &key, &sn_kind)
+                    }
+                })
+                .await?;
+            settled += 1;
+        }
+        Ok(settled)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::events::Exchange;
+    use crate::metadata::{MetaStore, MetadataConfig};
+    use crate::testing::MemorySnapshotter;
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    /// A backend whose commits never finish while `stall` is set: dropping a commit call
+    /// then leaves the state a crash between the record and the backend's commit leaves.
+    struct Stalling {
+        inner: MemorySnapshotter,
+        stall: AtomicBool,
+    }
+
+    #[async_trait::async_trait]
+    impl Snapshotter for Stalling {
+        async fn stat(&self, cx: &CallContext, key: &str) -> Result<SnapshotInfo> {
+            self.inner.stat(cx, key).await
+        }
+        async fn update(
+            &self,
+            cx: &CallContext,
+            info: SnapshotInfo,
+            fieldpaths: &[String],
+        ) -> Result<SnapshotInfo> {
+            self.inner.update(cx, info, fieldpaths).await
+        }
+        async fn usage(&self, cx: &CallContext, key: &str) -> Result<Usage> {
+            self.inner.usage(cx, key).await
+        }
+        async fn mounts(&self, cx: &CallContext, key: &str) -> Result<Vec<Mount>> {
+            self.inner.mounts(cx, key).await
+        }
+        async fn prepare(
+            &self,
+            cx: &CallContext,
+            key: &str,
+            parent: Option<&str>,
+            labels: Labels,
+        ) -> Result<Vec<Mount>> {
+            self.inner.prepare(cx, key, parent, labels).await
+        }
+        async fn view(
+            &self,
+            cx: &CallContext,
+            key: &str,
+            parent: Option<&str>,
+            labels: Labels,
+        ) -> Result<Vec<Mount>> {
+            self.inner.view(cx, key, parent, labels).await
+        }
+        async fn commit(
+            &self,
+            cx: &CallContext,
+            name: &str,
+            key: &str,
+            labels: Labels,
+        ) -> Result<()> {
+            if self.stall.load(Ordering::SeqCst) {
+                std::future::pending::<()>().await;
+            }
+            self.inner.commit(cx, name, key, labels).await
+        }
+        async fn remove(&self, cx: &CallContext, key: &str) -> Result<()> {
+            self.inner.remove(cx, key).await
+        }
+        async fn list(&self, cx: &CallContext, filter: &Filter) -> Result<Vec<SnapshotInfo>> {
+            self.inner.list(cx, filter).await
+        }
+    }
+
+    fn setup() -> (tempfile::TempDir, Arc<Metadata>, Arc<Stalling>) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store =
+            MetaStore::open(&dir.path().join("meta"), &MetadataConfig::default()).expect("open");
+        let backend = Arc::new(Stalling {
+            inner: MemorySnapshotter::new(),
+            stall: AtomicBool::new(false),
+        });
+        let metadata = Metadata::with_snapshotters(
+            Arc::new(store),
+            Arc::new(Exchange::default()),
+            None,
+            [(
+                "mem".to_owned(),
+                Arc::clone(&backend) as Arc<dyn Snapshotter>,
+            )]
+            .into(),
+            MetadataConfig::default(),
+        );
+        (dir, metadata, backend)
+    }
+
+    fn cx() -> CallContext {
+        CallContext {
+            namespace: Some(crate::namespace::Namespace::parse("a").expect("namespace")),
+            ..CallContext::default()
+        }
+    }
+
+    /// A context under lease `l` (so a collection keeps what the test creates).
+    async fn leased(metadata: &Metadata) -> CallContext {
+        metadata
+            .create_lease(
+                &crate::namespace::Namespace::parse("a").expect("namespace"),
+                "l",
+                Labels::new(),
+            )
+            .await
+            .expect("lease");
+        CallContext {
+            lease: Some("l".to_owned()),
+            ..cx()
+        }
+    }
+
+    async fn backend_kinds(backend: &Stalling) -> Vec<SnapshotKind> {
+        backend
+            .list(&CallContext::default(), &Filter::default())
+            .await
+            .expect("list")
+            .into_iter()
+            .map(|i| i.kind)
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn a_commit_cut_off_after_its_record_is_finished_by_recovery() {
+        let (_dir, metadata, backend) = setup();
+        let sn = metadata.snapshotter("mem").expect("snapshotter");
+        let a = leased(&metadata).await;
+        sn.prepare(&a, "k", None, Labels::new())
+            .await
+            .expect("prepare");
+        backend.stall.store(true, Ordering::SeqCst);
+        let cut = tokio::time::timeout(
+            std::time::Duration::from_millis(200),
+            sn.commit(&a, "base", "k", Labels::new()),
+        )
+        .await;
+        assert!(cut.is_err(), "the commit was meant to stall");
+        backend.stall.store(false, Ordering::SeqCst);
+        // The record says committed; the backend still has the active snapshot, and a
+        // collection before recovery must not take it.
+        assert_eq!(
+            sn.stat(&a, "base").await.expect("stat").kind,
+            SnapshotKind::Committed
+        );
+        metadata.collect_garbage().await.expect("gc");
+        assert_eq!(backend_kinds(&backend).await, [SnapshotKind::Active]);
+
+        assert_eq!(
+            metadata.recover_snapshot_commits().await.expect("recover"),
+            1
+        );
+        assert_eq!(backend_kinds(&backend).await, [SnapshotKind::Committed]);
+        sn.prepare(&a, "child", Some("base"), Labels::new())
+            .await
+            .expect("a child of the recovered commit");
+        assert_eq!(
+            metadata.recover_snapshot_commits().await.expect("again"),
+            0,
+            "the intent is gone"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_commit_recovery_cannot_finish_brings_the_active_record_back() {
+        let (_dir, metadata, backend) = setup();
+        let sn = metadata.snapshotter("mem").expect("snapshotter");
+        let a = cx();
+        sn.prepare(&a, "k", None, Labels::new())
+            .await
+            .expect("prepare");
+        backend.stall.store(true, Ordering::SeqCst);
+        let _ = tokio::time::timeout(
+            std::time::Duration::from_millis(200),
+            sn.commit(&a, "base", "k", Labels::new()),
+        )
+        .await;
+        backend.stall.store(false, Ordering::SeqCst);
+        // The backend lost the active snapshot as well: nothing can be committed.
+        let active = backend
+            .list(&CallContext::default(), &Filter::default())
+            .await
+            .expect("list");
+        backend
+            .remove(&CallContext::default(), &active[0].name)
+            .await
+            .expect("lose it");
+        assert_eq!(
+            metadata.recover_snapshot_commits().await.expect("recover"),
+            1
+        );
+        assert_eq!(
+            sn.stat(&a, "base").await.expect_err("undone").kind(),
+            ErrorKind::NotFound
+        );
+        assert_eq!(
+            sn.stat(&a, "k").await.expect("back").kind,
+            SnapshotKind::Active
+        );
+    }
+
+    #[tokio::test]
+    async fn a_commit_the_backend_refuses_keeps_the_active_snapshot_and_its_lease() {
+        let (_dir, metadata, backend) = setup();
+        let sn = metadata.snapshotter("mem").expect("snapshotter");
+        let a = leased(&metadata).await;
+        sn.prepare(&a, "k", None, Labels::new())
+            .await
+            .expect("prepare");
+        let active = backend
+            .list(&CallContext::default(), &Filter::default())
+            .await
+            .expect("list");
+        backend
+            .remove(&CallContext::default(), &active[0].name)
+            .await
+            .expect("lose it");
+        let err = sn
+            .commit(&a, "base", "k", Labels::new())
+            .await
+            .expect_err("nothing to commit");
+        assert_eq!(err.kind(), ErrorKind::NotFound);
+        assert_eq!(
+            sn.stat(&a, "k").await.expect("kept").kind,
+            SnapshotKind::Active
+        );
+        assert_eq!(
+            sn.stat(&a, "base").await.expect_err("not made").kind(),
+            ErrorKind::NotFound
+        );
+        assert_eq!(
+            metadata.recover_snapshot_commits().await.expect("recover"),
+            0
+        );
+        let held: Vec<String> = metadata
+            .list_lease_resources(
+                &crate::namespace::Namespace::parse("a").expect("namespace"),
+                "l",
+            )
+            .expect("resources")
+            .into_iter()
+            .map(|r| r.id)
+            .collect();
+        assert_eq!(held, ["k"]);
     }
 }

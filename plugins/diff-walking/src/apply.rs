@@ -3,10 +3,13 @@
 use std::cell::{Cell, RefCell};
 use std::collections::HashSet;
 use std::fs::File;
-use std::io::{self, BufReader, Read, Write};
+use std::io::{self, Read, Write};
 use std::os::fd::{AsFd, OwnedFd};
 use std::path::Path;
 use std::rc::Rc;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{Receiver, Sender, SyncSender, sync_channel};
 
 use berth_core::content::{Algorithm, Digest, Digester};
 use nix::dir::Dir;
@@ -30,9 +33,12 @@ use crate::{
 
 /// Size of the buffer file data is copied through.
 const COPY_BUFFER: usize = 128 * 1024;
-/// Size of the buffer between the decompressor and the tar parser, which reads 512-byte
-/// headers: without it every header would be a decompressor call.
-const STREAM_BUFFER: usize = 64 * 1024;
+/// Size of the chunks the decoding thread hands to the applying thread: the tar parser's
+/// 512-byte header reads are served from memory, never by a decompressor call.
+const STREAM_CHUNK: usize = 256 * 1024;
+/// Chunks decoded ahead of the applier: enough to keep both threads busy, few enough that a
+/// layer refused early (or a decompression bomb) costs little decoding past the refusal.
+const CHUNKS_AHEAD: usize = 4;
 
 /// Applies the layer read from `reader` to the directory `root` (see the crate
 /// documentation for the semantics and what is refused).
@@ -40,7 +46,14 @@ const STREAM_BUFFER: usize = 64 * 1024;
 /// Blocking: run it on a blocking thread. To stop an apply early, make `reader` fail; the
 /// error is [`Error::Source`], whose kind is that of a `berth_core::Error` wrapped in the
 /// `io::Error` (`io::Error::other(err)`), else Internal.
-pub fn apply<R: Read>(reader: R, root: &Path, options: &ApplyOptions) -> Result<ApplyReport> {
+///
+/// Decompression and the diff id's hash run on a second thread, a few chunks ahead of the
+/// thread that creates the entries (the two share a layer's cost on separate cores).
+pub fn apply<R: Read + Send>(
+    reader: R,
+    root: &Path,
+    options: &ApplyOptions,
+) -> Result<ApplyReport> {
     let tree = Tree::open(root).map_err(|source| Error::Root {
         path: root.to_owned(),
         source,
@@ -53,19 +66,60 @@ pub fn apply<R: Read>(reader: R, root: &Path, options: &ApplyOptions) -> Result<
     let state = Rc::new(StreamState::default());
     let source = SourceReader {
         inner: reader,
-        state: state.clone(),
+        failed: state.source_failed.clone(),
     };
     let (compression, decoder) = decompress(source).map_err(|source| Error::Source { source })?;
     let algorithm = options
         .expected_diff_id
         .as_ref()
         .map_or(Algorithm::Sha256, Digest::algorithm);
-    let meter = Meter {
-        inner: BufReader::with_capacity(STREAM_BUFFER, decoder),
-        state: state.clone(),
-        digester: Digester::new(algorithm),
-        limit: options.max_uncompressed_bytes,
-    };
+    std::thread::scope(|scope| {
+        let (chunks_tx, chunks_rx) = sync_channel(CHUNKS_AHEAD);
+        let (spent_tx, spent_rx) = std::sync::mpsc::channel();
+        let decoding = std::thread::Builder::new()
+            .name("layer-decode".to_owned())
+            .spawn_scoped(scope, move || {
+                decode_ahead(decoder, Digester::new(algorithm), chunks_tx, spent_rx)
+            })
+            .map_err(|source| Error::Source { source })?;
+        let chunks = ChunkReader {
+            chunks: chunks_rx,
+            spent: spent_tx,
+            current: Vec::new(),
+            at: 0,
+            failed: false,
+        };
+        let meter = Meter {
+            inner: chunks,
+            state: state.clone(),
+            limit: options.max_uncompressed_bytes,
+        };
+        apply_stream(
+            meter,
+            decoding,
+            tree,
+            inherit,
+            &state,
+            compression,
+            root,
+            options,
+        )
+    })
+}
+
+/// The applying half of [`apply`]: parses the decoded stream from `meter` and creates the
+/// entries; `decoding` (the other half) hands back the diff id once the stream is drained.
+#[allow(clippy::too_many_arguments)]
+fn apply_stream(
+    meter: Meter<ChunkReader>,
+    decoding: std::thread::ScopedJoinHandle<'_, Option<Digest>>,
+    tree: Tree,
+    inherit: Inherit,
+    state: &Rc<StreamState>,
+    compression: Compression,
+    root: &Path,
+    options: &ApplyOptions,
+) -> Result<ApplyReport> {
     let mut archive = tar::Archive::new(meter);
     let mut applier = Applier {
         options,
@@ -122,7 +176,15 @@ pub fn apply<R: Read>(reader: R, root: &Path, options: &ApplyOptions) -> Result<
     // padding after them too, as containerd reads to the end before taking the digest.
     let mut meter = archive.into_inner();
     io::copy(&mut meter, &mut io::sink()).map_err(|e| applier.stream_error(e, &Place::End))?;
-    let diff_id = meter.digester.finish();
+    drop(meter);
+    let diff_id = decoding
+        .join()
+        .ok()
+        .flatten()
+        .ok_or_else(|| Error::Corrupt {
+            at: Place::End.describe(),
+            source: io::Error::other("the layer's decoding thread ended before the stream did"),
+        })?;
     if let Some(expected) = &options.expected_diff_id
         && *expected != diff_id
     {
@@ -158,8 +220,8 @@ struct StreamState {
     limit_hit: Cell<bool>,
     /// One entry's headers exceeded [`MAX_ENTRY_HEADER_BYTES`].
     headers_hit: Cell<bool>,
-    /// The caller's reader failed.
-    source_failed: Cell<bool>,
+    /// The caller's reader failed (set on the decoding thread).
+    source_failed: Arc<AtomicBool>,
     /// The bytes the parser read for the current entry's headers (bounded by
     /// [`MAX_ENTRY_HEADER_BYTES`]): its PAX records are parsed from them again, see
     /// [`EntryHeaders::parse`].
@@ -170,24 +232,98 @@ struct StreamState {
 /// or replace errors, and a failing source is not a corrupt layer.
 struct SourceReader<R> {
     inner: R,
-    state: Rc<StreamState>,
+    failed: Arc<AtomicBool>,
 }
 
 impl<R: Read> Read for SourceReader<R> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         self.inner.read(buf).inspect_err(|e| {
             if e.kind() != io::ErrorKind::Interrupted {
-                self.state.source_failed.set(true);
+                self.failed.store(true, Ordering::Relaxed);
             }
         })
     }
 }
 
-/// Hashes and counts the uncompressed stream, and enforces the bounds.
+/// The decoding thread of [`apply`]: reads the decompressed stream in chunks, hashes them
+/// and sends them on, reusing the chunks the applier has finished with. Returns the digest
+/// of the whole stream, or None when it stopped early (a read failed, or the applier gave
+/// up and dropped its end).
+fn decode_ahead<D: Read>(
+    mut decoder: D,
+    mut digester: Digester,
+    chunks: SyncSender<io::Result<Vec<u8>>>,
+    spent: Receiver<Vec<u8>>,
+) -> Option<Digest> {
+    loop {
+        // A chunk the applier is done with, or a new one while it still holds them all.
+        let mut chunk = spent.try_recv().unwrap_or_default();
+        chunk.resize(STREAM_CHUNK, 0);
+        let n = loop {
+            match decoder.read(&mut chunk) {
+                Ok(n) => break n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    let _ = chunks.send(Err(e));
+                    return None;
+                }
+            }
+        };
+        if n == 0 {
+            return Some(digester.finish());
+        }
+        chunk.truncate(n);
+        digester.update(&chunk);
+        if chunks.send(Ok(chunk)).is_err() {
+            return None;
+        }
+    }
+}
+
+/// The applying thread's end of the decoded stream.
+struct ChunkReader {
+    chunks: Receiver<io::Result<Vec<u8>>>,
+    spent: Sender<Vec<u8>>,
+    current: Vec<u8>,
+    at: usize,
+    /// The stream failed: it never reads as ended afterwards.
+    failed: bool,
+}
+
+impl Read for ChunkReader {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        while self.at == self.current.len() {
+            if self.failed {
+                return Err(io::Error::other("the layer stream failed earlier"));
+            }
+            match self.chunks.recv() {
+                Ok(Ok(chunk)) => {
+                    let done = std::mem::replace(&mut self.current, chunk);
+                    self.at = 0;
+                    if done.capacity() > 0 {
+                        // The decoder may have finished already; then the chunk just goes.
+                        let _ = self.spent.send(done);
+                    }
+                }
+                Ok(Err(e)) => {
+                    self.failed = true;
+                    return Err(e);
+                }
+                // The decoder sends every chunk before it ends: this is the end.
+                Err(_) => return Ok(0),
+            }
+        }
+        let n = buf.len().min(self.current.len() - self.at);
+        buf[..n].copy_from_slice(&self.current[self.at..self.at + n]);
+        self.at += n;
+        Ok(n)
+    }
+}
+
+/// Counts the uncompressed stream and enforces the bounds (the decoding thread hashes it).
 struct Meter<R> {
     inner: R,
     state: Rc<StreamState>,
-    digester: Digester,
     limit: Option<u64>,
 }
 
@@ -208,7 +344,6 @@ impl<R: Read> Read for Meter<R> {
             return Err(io::Error::other("entry headers too large"));
         }
         self.state.pos.set(pos);
-        self.digester.update(&buf[..n]);
         if self.state.header_start.get().is_some() {
             self.state.headers.borrow_mut().extend_from_slice(&buf[..n]);
         }
@@ -297,7 +432,7 @@ impl Applier<'_> {
                 at: place.describe(),
             };
         }
-        if self.state.source_failed.get() {
+        if self.state.source_failed.load(Ordering::Relaxed) {
             return Error::Source { source };
         }
         let mut at = place.describe();
