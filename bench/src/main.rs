@@ -18,6 +18,7 @@ use clap::Parser;
 
 mod content;
 mod images;
+mod pull;
 
 /// Benchmarks berthd against Debian's containerd and writes bench/REPORT.md.
 #[derive(Debug, Parser)]
@@ -173,6 +174,7 @@ fn workloads() -> Vec<Box<dyn Workload>> {
         Box::new(content::Gc10k(ten_k)),
         Box::new(images::SnapshotOps),
         Box::new(images::ImageImport::new()),
+        Box::new(pull::Pull::new()),
     ]
 }
 

@@ -12,6 +12,7 @@
 //! berth images ls [-q]
 //! berth pull [--user U:P] [--plain-http] [--hosts-dir DIR] [--platform P]...
 //!            [--snapshotter NAME] [--no-unpack] REF
+//! berth push [--user U:P] [--plain-http] [--hosts-dir DIR] [--platform P]... NAME [REF]
 //! ```
 //!
 //! - `--address`/`-a` (or `BERTH_ADDRESS`): berthd's socket, `/run/berth/berthd.sock` by
@@ -37,6 +38,7 @@ mod images;
 mod platform;
 mod progress;
 mod pull;
+mod push;
 mod stream;
 
 use std::path::PathBuf;
@@ -99,6 +101,8 @@ enum Command {
     Images(ImagesCommand),
     /// Pull an image from a registry, unpacking it (prints NAME<TAB>DIGEST).
     Pull(pull::PullArgs),
+    /// Push an image to a registry (prints REFERENCE<TAB>DIGEST).
+    Push(push::PushArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -143,6 +147,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
         Command::Images(ImagesCommand::Export(args)) => images::export(&client, args).await,
         Command::Images(ImagesCommand::Ls(args)) => images::ls(&client, args).await,
         Command::Pull(args) => pull::pull(&client, args).await,
+        Command::Push(args) => push::push(&client, args).await,
     }
 }
 

@@ -26,7 +26,7 @@ pub enum Mode {
 }
 
 /// Events that mean "this much of the total is done so far".
-const MOVING: &[&str] = &["downloading", "extracting", "uploading"];
+const MOVING: &[&str] = &["waiting", "downloading", "extracting", "uploading"];
 /// Events that mean "all of it is done".
 const DONE: &[&str] = &["complete", "extracted", "already exists", "done"];
 
@@ -68,7 +68,7 @@ impl Display {
                 multi: MultiProgress::with_draw_target(ProgressDrawTarget::stderr()),
                 bars: HashMap::new(),
                 style: ProgressStyle::with_template(
-                    "{prefix:<19} {msg:<14} [{bar:30}] {bytes:>10} / {total_bytes:<10}",
+                    "{prefix:<19} {msg:<14} [{bar:30}] {bytes:>10} / {total_bytes:<10} {bytes_per_sec:>12}",
                 )
                 .unwrap_or_else(|_| ProgressStyle::default_bar())
                 .progress_chars("=> "),

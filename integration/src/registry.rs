@@ -284,6 +284,50 @@ impl Registry {
         fs::read_to_string(self.dir_path.join("registry.log")).unwrap_or_default()
     }
 
+    /// Kills the registry (SIGKILL, as a crash); its storage stays for [`Registry::restart`].
+    pub fn kill(&mut self) -> Result<()> {
+        if let Some(mut child) = self.child.take() {
+            child.kill().context("killing the registry")?;
+            child.wait().context("reaping the registry")?;
+        }
+        Ok(())
+    }
+
+    /// Starts the registry again (killing it first if it runs) on the same port, config and
+    /// storage, and waits until it answers.
+    pub fn restart(&mut self) -> Result<()> {
+        self.kill()?;
+        let config = self.dir_path.join("config.yml");
+        self.spawn(self.port, &config)
+    }
+
+    /// Pushes the single image of the OCI archive `archive` (such as
+    /// [`crate::archive::OciArchive::build`] writes) to `<repo>:<tag>` (`dest`).
+    pub fn push_archive(&self, archive: &Path, dest: &str) -> Result<()> {
+        let archive = archive
+            .to_str()
+            .ok_or_else(|| anyhow!("{} is not UTF-8", archive.display()))?;
+        let mut cmd = Command::new("skopeo");
+        cmd.args(["copy", "--retry-times", "2", "--dest-tls-verify=false"]);
+        if let Some((u, p)) = self.credentials() {
+            cmd.arg("--dest-creds").arg(format!("{u}:{p}"));
+        }
+        // Without it skopeo gzips plain tar layers on the way, and the test's digests no
+        // longer name what the registry serves.
+        cmd.arg("--preserve-digests")
+            .arg(format!("oci-archive:{archive}"))
+            .arg(format!("docker://{}", self.reference(dest)));
+        let out = run_command(&mut cmd, Duration::from_secs(120))?;
+        if !out.success() {
+            bail!(
+                "pushing {archive} to {}: {out}\nregistry log tail:\n{}",
+                self.reference(dest),
+                tail(&self.log(), 20)
+            );
+        }
+        Ok(())
+    }
+
     /// Pushes the image tagged like `dest`'s tag in the OCI layout `layout` to
     /// `<repo>:<tag>` (`dest`), with `skopeo copy`.
     pub fn push(&self, layout: &Path, dest: &str) -> Result<()> {

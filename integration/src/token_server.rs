@@ -12,12 +12,21 @@
 //! Knobs for client tests: the token lifetime (`expires_in`), required credentials, and
 //! [`TokenServerOptions::invalid_first`] to hand out tokens the registry rejects (wrong issuer,
 //! so the registry answers 401 with `error="invalid_token"`), for the refresh-once rule.
-//! [`TokenServer::requests`] counts token requests.
+//! [`TokenServer::requests`] counts token requests. While running, [`TokenServer::set_lifetime`]
+//! shortens the lifetime of the next tokens (so one expires in the middle of a pull) and
+//! [`TokenServer::reject_after`] turns the server bad after some good tokens (for the "second
+//! 401 is an error" rule in the middle of a pull); [`TokenServer::tokens`] lists every token
+//! handed out, so a test can check that none leaked.
+//!
+//! [`AuthProxy`] sits between a client and the registry as the enforcing side of a token
+//! service that revokes: it rejects a revoked token with the registry's own 401 and
+//! `error="invalid_token"` challenge, and can slow manifest GETs so that a short-lived token
+//! expires between a pull's manifest and its blobs.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -76,7 +85,13 @@ struct Shared {
     issued: AtomicUsize,
     /// How many of the next tokens are signed for the wrong issuer.
     reject: AtomicUsize,
+    /// How many more good tokens before every later one is signed for the wrong issuer
+    /// (`usize::MAX`: no limit).
+    good_left: AtomicUsize,
+    /// Lifetime of the next tokens, in seconds.
+    lifetime_secs: AtomicU64,
     log: Mutex<Vec<TokenRequest>>,
+    tokens: Mutex<Vec<String>>,
 }
 
 /// A running token server on `127.0.0.1`; stops on drop.
@@ -121,7 +136,10 @@ impl TokenServer {
             cert_der_b64: base64(&der.stdout_bytes, STD),
             issued: AtomicUsize::new(0),
             reject: AtomicUsize::new(opts.invalid_first),
+            good_left: AtomicUsize::new(usize::MAX),
+            lifetime_secs: AtomicU64::new(opts.lifetime.as_secs().max(1)),
             log: Mutex::new(Vec::new()),
+            tokens: Mutex::new(Vec::new()),
         });
         let listener = std::net::TcpListener::bind("127.0.0.1:0")
             .context("binding the token server on 127.0.0.1")?;
@@ -173,6 +191,30 @@ impl TokenServer {
     /// `error="invalid_token"` (set after pushing test images, which take tokens too).
     pub fn reject_next(&self, n: usize) {
         self.shared.reject.store(n, Ordering::SeqCst);
+    }
+
+    /// Gives the next tokens this lifetime (whole seconds, at least one): `expires_in` and the
+    /// JWT's `exp`. The registry allows a minute of clock skew past `exp`, so a short token
+    /// still passes there; it is the client that must notice the expiry and fetch a new one.
+    pub fn set_lifetime(&self, lifetime: Duration) {
+        self.shared
+            .lifetime_secs
+            .store(lifetime.as_secs().max(1), Ordering::SeqCst);
+    }
+
+    /// Signs `n` more tokens properly, then every later one for the wrong issuer (the registry
+    /// rejects those with `error="invalid_token"`).
+    pub fn reject_after(&self, n: usize) {
+        self.shared.good_left.store(n, Ordering::SeqCst);
+    }
+
+    /// Every token handed out so far, oldest first.
+    pub fn tokens(&self) -> Vec<String> {
+        self.shared
+            .tokens
+            .lock()
+            .map(|t| t.clone())
+            .unwrap_or_default()
     }
 
     /// Every token request so far, oldest first.
@@ -354,7 +396,10 @@ async fn handle(mut stream: TcpStream, shared: Arc<Shared>) -> Result<()> {
     let token = tokio::task::spawn_blocking(move || issue(&shared2, &subject, &scopes))
         .await
         .map_err(|e| anyhow!("signing task: {e}"))??;
-    let lifetime = shared.opts.lifetime.as_secs();
+    if let Ok(mut tokens) = shared.tokens.lock() {
+        tokens.push(token.clone());
+    }
+    let lifetime = shared.lifetime_secs.load(Ordering::SeqCst);
     let body = json!({
         "token": token,
         "access_token": token,
@@ -371,7 +416,14 @@ fn issue(shared: &Shared, subject: &str, scopes: &[String]) -> Result<String> {
     let rejected = shared
         .reject
         .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |r| r.checked_sub(1))
-        .is_ok();
+        .is_ok()
+        || shared
+            .good_left
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |g| match g {
+                usize::MAX => Some(g),
+                _ => g.checked_sub(1),
+            })
+            .is_err();
     let issuer = if rejected { "someone-else" } else { ISSUER };
     let access: Vec<_> = scopes
         .iter()
@@ -393,7 +445,7 @@ fn issue(shared: &Shared, subject: &str, scopes: &[String]) -> Result<String> {
         "aud": SERVICE,
         "iat": now,
         "nbf": now - 10,
-        "exp": now + shared.opts.lifetime.as_secs() as i64,
+        "exp": now + shared.lifetime_secs.load(Ordering::SeqCst) as i64,
         "jti": format!("berth-{n}-{now}"),
         "access": access,
     });
@@ -414,6 +466,199 @@ fn issue(shared: &Shared, subject: &str, scopes: &[String]) -> Result<String> {
         "{signing_input}.{}",
         base64(&out.stdout_bytes, URL)
     ))
+}
+
+/// How an [`AuthProxy`] treats the requests it forwards.
+#[derive(Debug, Clone, Default)]
+pub struct AuthProxyOptions {
+    /// The first bearer token seen is revoked once it has been used on this many requests:
+    /// later requests carrying it are answered 401 with `error="invalid_token"`.
+    pub revoke_first_after: Option<usize>,
+    /// Every manifest GET waits this long before it is forwarded.
+    pub manifest_delay: Duration,
+}
+
+/// What an [`AuthProxy`] saw.
+#[derive(Debug, Default)]
+struct ProxyState {
+    /// The first bearer token seen and how many requests carried it.
+    first: Option<(String, usize)>,
+    /// 401s the proxy answered itself.
+    rejected: usize,
+    /// Requests forwarded.
+    forwarded: usize,
+}
+
+/// A reverse proxy on `127.0.0.1` in front of a registry (see the module documentation). One
+/// request per connection (it answers `Connection: close`), which every registry client
+/// handles. Stops on drop.
+pub struct AuthProxy {
+    port: u16,
+    state: Arc<Mutex<ProxyState>>,
+    stop: Option<oneshot::Sender<()>>,
+    thread: Option<thread::JoinHandle<()>>,
+}
+
+struct ProxyConfig {
+    upstream: u16,
+    realm: String,
+    opts: AuthProxyOptions,
+    state: Arc<Mutex<ProxyState>>,
+}
+
+impl AuthProxy {
+    /// Starts a proxy forwarding to the registry on `127.0.0.1:<upstream>`, whose token
+    /// endpoint is `realm` (named in the challenges it sends for revoked tokens).
+    pub fn start(upstream: u16, realm: &str, opts: AuthProxyOptions) -> Result<AuthProxy> {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0")
+            .context("binding the auth proxy on 127.0.0.1")?;
+        listener.set_nonblocking(true)?;
+        let port = listener.local_addr()?.port();
+        let state = Arc::new(Mutex::new(ProxyState::default()));
+        let config = Arc::new(ProxyConfig {
+            upstream,
+            realm: realm.to_string(),
+            opts,
+            state: state.clone(),
+        });
+        let (stop_tx, mut stop_rx) = oneshot::channel::<()>();
+        let thread = thread::Builder::new()
+            .name("auth-proxy".into())
+            .spawn(move || {
+                let rt = match tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                {
+                    Ok(rt) => rt,
+                    Err(e) => {
+                        eprintln!("auth proxy: building its runtime: {e}");
+                        return;
+                    }
+                };
+                rt.block_on(async move {
+                    let listener = match TcpListener::from_std(listener) {
+                        Ok(l) => l,
+                        Err(e) => {
+                            eprintln!("auth proxy: {e}");
+                            return;
+                        }
+                    };
+                    loop {
+                        tokio::select! {
+                            _ = &mut stop_rx => return,
+                            accepted = listener.accept() => {
+                                let Ok((stream, _)) = accepted else { continue };
+                                let config = config.clone();
+                                tokio::spawn(async move {
+                                    if let Err(e) = proxy_one(stream, &config).await {
+                                        eprintln!("auth proxy: {e:#}");
+                                    }
+                                });
+                            }
+                        }
+                    }
+                });
+            })
+            .context("spawning the auth proxy thread")?;
+        Ok(AuthProxy {
+            port,
+            state,
+            stop: Some(stop_tx),
+            thread: Some(thread),
+        })
+    }
+
+    /// `127.0.0.1:<port>`, the registry host clients should use.
+    pub fn host(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    /// How many requests the proxy answered 401 itself (revoked token).
+    pub fn rejected(&self) -> usize {
+        self.state.lock().map(|s| s.rejected).unwrap_or_default()
+    }
+
+    /// How many requests it forwarded to the registry.
+    pub fn forwarded(&self) -> usize {
+        self.state.lock().map(|s| s.forwarded).unwrap_or_default()
+    }
+}
+
+impl Drop for AuthProxy {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+async fn proxy_one(mut client: TcpStream, config: &ProxyConfig) -> Result<()> {
+    let req = read_request(&mut client).await?;
+    let (path, _) = req.target.split_once('?').unwrap_or((&req.target, ""));
+    let bearer = req
+        .headers
+        .get("authorization")
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(|t| t.trim().to_string());
+    let revoked = {
+        let mut st = config
+            .state
+            .lock()
+            .map_err(|_| anyhow!("auth proxy state poisoned"))?;
+        let mut revoked = false;
+        if let (Some(limit), Some(token)) = (config.opts.revoke_first_after, &bearer) {
+            let first = st.first.get_or_insert_with(|| (token.clone(), 0));
+            if first.0 == *token {
+                if first.1 >= limit {
+                    revoked = true;
+                } else {
+                    first.1 += 1;
+                }
+            }
+        }
+        if revoked {
+            st.rejected += 1;
+        } else {
+            st.forwarded += 1;
+        }
+        revoked
+    };
+    if revoked {
+        let challenge = format!(
+            "WWW-Authenticate: Bearer realm=\"{}\",service=\"{SERVICE}\",error=\"invalid_token\"\r\n",
+            config.realm
+        );
+        return respond(
+            &mut client,
+            "401 Unauthorized",
+            &challenge,
+            r#"{"errors":[{"code":"UNAUTHORIZED","message":"token revoked"}]}"#,
+        )
+        .await;
+    }
+    if req.method == "GET" && path.contains("/manifests/") {
+        tokio::time::sleep(config.opts.manifest_delay).await;
+    }
+    let mut upstream = TcpStream::connect(("127.0.0.1", config.upstream))
+        .await
+        .with_context(|| format!("connecting to the registry on port {}", config.upstream))?;
+    let mut head = format!("{} {} HTTP/1.1\r\n", req.method, req.target);
+    for (k, v) in &req.headers {
+        if k != "connection" && k != "keep-alive" {
+            head.push_str(&format!("{k}: {v}\r\n"));
+        }
+    }
+    head.push_str("Connection: close\r\n\r\n");
+    upstream.write_all(head.as_bytes()).await?;
+    upstream.write_all(&req.body).await?;
+    // Asked to close, the registry answers `Connection: close` and ends the connection after
+    // the response, so copying to the end copies exactly one response.
+    tokio::io::copy(&mut upstream, &mut client).await?;
+    client.shutdown().await?;
+    Ok(())
 }
 
 fn unix_now() -> i64 {

@@ -437,3 +437,87 @@ async fn mirrors_are_tried_before_the_server() {
     assert_eq!(upstream.log().len(), 1);
     std::fs::remove_dir_all(&dir).expect("cleanup");
 }
+
+#[tokio::test]
+async fn uploads_mount_or_go_in_pieces_and_tags_are_checked_by_digest() {
+    let manifest = br#"{"schemaVersion":2}"#;
+    let mdigest = Digest::of(manifest);
+    let tagged = mdigest.to_string();
+    let server = FakeServer::start(move |s| match (s.method.as_str(), s.path()) {
+        ("POST", "/v2/a/new/blobs/uploads/") if s.target.contains("from=a%2Fold") => {
+            Reply::new(201)
+        }
+        ("POST", "/v2/a/new/blobs/uploads/") => {
+            Reply::new(202).header("Location", "/v2/a/new/blobs/uploads/u1?state=0")
+        }
+        ("PATCH", "/v2/a/new/blobs/uploads/u1") => {
+            let range = s.header("content-range").unwrap_or_default().to_owned();
+            let next = if range == "0-9" { "u2?state=1" } else { "bad" };
+            Reply::new(202).header("Location", &format!("/v2/a/new/blobs/uploads/{next}"))
+        }
+        ("PUT", "/v2/a/new/blobs/uploads/u2") => {
+            assert!(s.target.contains("state=1"), "{}", s.target);
+            assert!(s.target.contains("digest=sha256%3A"), "{}", s.target);
+            Reply::new(201)
+        }
+        ("HEAD", "/v2/a/new/manifests/v1") => Reply::new(200)
+            .header("Docker-Content-Digest", &tagged)
+            .header("Content-Length", "1"),
+        ("HEAD", _) => Reply::new(404).header("Content-Length", "0"),
+        _ => Reply::new(400).body("unexpected"),
+    })
+    .await;
+    let c = client(true);
+    let new = reference(&server.host, "a/new:v1");
+    let desc = blob_desc(BLOB);
+    let start = c
+        .start_upload(&new, &desc.digest, Some("a/old"))
+        .await
+        .expect("mount");
+    assert!(matches!(start, UploadStart::Mounted), "{start:?}");
+
+    // Mounting from the same repository is pointless: a plain upload starts.
+    let UploadStart::Session(mut upload) = c
+        .start_upload(&new, &desc.digest, Some("a/new"))
+        .await
+        .expect("upload")
+    else {
+        panic!("a session expected");
+    };
+    c.upload_chunk(&mut upload, Bytes::from_static(&BLOB[..10]))
+        .await
+        .expect("first piece");
+    assert_eq!(upload.offset(), 10);
+    let short = c
+        .finish_upload(
+            *upload,
+            &desc,
+            Bytes::from_static(&BLOB[10..BLOB.len() - 1]),
+        )
+        .await
+        .expect_err("one byte short");
+    assert!(short.to_string().contains(desc.digest.as_str()), "{short}");
+    let UploadStart::Session(mut upload) = c
+        .start_upload(&new, &desc.digest, None)
+        .await
+        .expect("upload")
+    else {
+        panic!("a session expected");
+    };
+    c.upload_chunk(&mut upload, Bytes::from_static(&BLOB[..10]))
+        .await
+        .expect("first piece");
+    c.finish_upload(*upload, &desc, Bytes::from_static(&BLOB[10..]))
+        .await
+        .expect("the rest with the digest");
+    assert_eq!(server.count("PATCH", "/"), 2);
+
+    assert!(!c.blob_exists(&new, &desc).await.expect("HEAD"));
+    let mdesc = Descriptor::new(media_types::OCI_MANIFEST, mdigest, manifest.len() as u64);
+    assert!(c.manifest_exists(&new, &mdesc).await.expect("tag"));
+    let other = Descriptor::new(media_types::OCI_MANIFEST, Digest::of(b"{}"), 2);
+    assert!(
+        !c.manifest_exists(&new, &other).await.expect("tag"),
+        "the tag points at another digest"
+    );
+}

@@ -21,7 +21,18 @@
 //! `http` means plain HTTP, and with `auth_stream` the daemon sends one `AuthRequest` for the
 //! registry host before resolving and uses the `AuthResponse` credentials (containerd asks on
 //! the first 401 instead; asking first costs a round trip to clients without credentials).
-//! `headers`, `http_debug` and `logs_stream` are accepted and ignored.
+//! `http_debug` (containerd 2.1, PR 10762) turns on the registry client's HTTP dump (`DEBUG`),
+//! trace (`TRACE`) or both (`BOTH`), see `berth_registry::debug`. As containerd does, the dump
+//! goes to the stream the client opened and named in `logs_stream`, as bytes
+//! (`containerd.types.transfer.Data` under the stream's flow control, like an export), and
+//! without a `logs_stream` into the daemon's log at debug level; trace events always go to the
+//! daemon's log. `headers` is accepted and ignored.
+//!
+//! `ImageStore` -> `OCIRegistry` is a push of the image `ImageStore.name` to the reference:
+//! `platforms` empty pushes every platform of an index (containerd's push pushes all),
+//! otherwise only the manifests they select. The resolver is read as for a pull (`host_dir`,
+//! `default_scheme`, `auth_stream`); the HTTP dump and trace options are not applied to
+//! pushes.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -35,13 +46,13 @@ use berth_proto::containerd::services::transfer::v1::TransferRequest;
 use berth_proto::containerd::services::transfer::v1::transfer_server::{Transfer, TransferServer};
 use berth_proto::containerd::types::Platform as WirePlatform;
 use berth_proto::containerd::types::transfer::{
-    AuthRequest, AuthResponse, AuthType, ImageExportStream, ImageImportStream, ImageStore,
-    OciRegistry, Progress as WireProgress,
+    AuthRequest, AuthResponse, AuthType, HttpDebug, ImageExportStream, ImageImportStream,
+    ImageStore, OciRegistry, Progress as WireProgress, RegistryResolver,
 };
 use berth_proto::type_url;
 use berth_transfer::{
     ExportOptions, ImageReference, ImportOptions, LocalTransfer, LocalTransferKind, Platform,
-    PlatformSelection, Progress, ProgressSink, PullOptions, UnpackRequest, registry,
+    PlatformSelection, Progress, ProgressSink, PullOptions, PushOptions, UnpackRequest, registry,
 };
 use prost_types::Any;
 use tokio::sync::mpsc;
@@ -118,6 +129,44 @@ fn progress_pump(stream: Stream) -> (StreamProgress, tokio::task::JoinHandle<()>
         }
     });
     (StreamProgress { tx }, task)
+}
+
+/// A dump sink writing into the daemon's log at debug level (no `logs_stream`).
+fn log_dump(registry: &str) -> registry::DumpSink {
+    let registry = registry.to_string();
+    registry::DumpSink::new(move |text| {
+        tracing::debug!(target: "berth_registry::dump", registry = %registry, "http dump\n{text}");
+    })
+}
+
+/// A dump sink whose text goes to the client over `stream` as bytes. Dumping never waits on
+/// the client: text queues until the stream's flow control lets it through. The pump ends when
+/// the sink (every clone of it) is dropped and what was queued is sent.
+fn dump_to_stream(stream: Stream) -> (registry::DumpSink, tokio::task::JoinHandle<()>) {
+    let (tx, mut rx) = mpsc::unbounded_channel::<String>();
+    let sink = registry::DumpSink::new(move |text| {
+        // The client stopped reading: the dump is best effort, the pull goes on.
+        let _ = tx.send(text);
+    });
+    let pump = tokio::spawn(async move {
+        let (mut writer, reader) = tokio::io::duplex(EXPORT_PIPE);
+        let sender = tokio::spawn(send_bytes(stream, reader));
+        while let Some(text) = rx.recv().await {
+            if tokio::io::AsyncWriteExt::write_all(&mut writer, text.as_bytes())
+                .await
+                .is_err()
+            {
+                break;
+            }
+        }
+        drop(writer);
+        match sender.await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::debug!(error = %e, "HTTP dump stream closed"),
+            Err(e) => tracing::debug!(error = %e, "HTTP dump stream task failed"),
+        }
+    });
+    (sink, pump)
 }
 
 fn decode<M: prost::Name + Default>(any: &Any, what: &str) -> Result<M> {
@@ -232,6 +281,20 @@ impl TransferService {
                 credentials.insert(reference.domain.clone(), creds);
             }
         }
+        let debug = HttpDebug::try_from(resolver.http_debug).unwrap_or(HttpDebug::Disabled);
+        let (http_dump, dump_pump) = match debug {
+            HttpDebug::Debug | HttpDebug::Both => {
+                let (sink, pump) = if resolver.logs_stream.is_empty() {
+                    (log_dump(&reference.domain), None)
+                } else {
+                    let (sink, pump) =
+                        dump_to_stream(self.streams.take(ns, &resolver.logs_stream)?);
+                    (sink, Some(pump))
+                };
+                (Some(sink), pump)
+            }
+            HttpDebug::Disabled | HttpDebug::Trace => (None, None),
+        };
         let client = Arc::new(registry::Client::new(registry::ClientOptions {
             config_path: Some(config_path)
                 .filter(|p| !p.is_empty())
@@ -239,6 +302,8 @@ impl TransferService {
             plain_http: resolver.default_scheme == "http",
             credentials,
             user_agent: String::new(),
+            http_dump,
+            http_trace: matches!(debug, HttpDebug::Trace | HttpDebug::Both),
         }));
         let (import, unpacks) = import_options(&store);
         let options = PullOptions {
@@ -250,10 +315,93 @@ impl TransferService {
             labels: import.labels,
             ..PullOptions::default()
         };
-        self.transfer
+        let pulled = self
+            .transfer
             .pull(cx, client, &source.reference, &options, &unpacks, progress)
+            .await;
+        // The client (and with it the dump sink) is gone now: the pump sends what is queued and
+        // ends the stream, which is how the client knows the dump is complete.
+        if let Some(pump) = dump_pump
+            && tokio::time::timeout(PROGRESS_FLUSH, pump).await.is_err()
+        {
+            tracing::debug!("HTTP dump stream did not drain in time");
+        }
+        pulled?;
+        Ok(())
+    }
+
+    /// `ImageStore` -> `OCIRegistry`: the image `ImageStore.name` to the registry reference,
+    /// credentials through the auth stream as for a pull.
+    async fn push(
+        &self,
+        cx: &CallContext,
+        ns: &str,
+        source: &Any,
+        destination: &Any,
+        progress: &dyn ProgressSink,
+    ) -> Result<()> {
+        let store: ImageStore = decode(source, "source")?;
+        let target: OciRegistry = decode(destination, "destination")?;
+        if store.name.is_empty() {
+            return Err(Error::invalid_argument(format!(
+                "push to {}: the image store names no image to push",
+                target.reference
+            )));
+        }
+        let reference = registry::Reference::parse(&target.reference)
+            .map_err(|e| Error::invalid_argument(e.to_string()))?;
+        let client = self
+            .push_client(ns, &reference, target.resolver.unwrap_or_default())
+            .await?;
+        let options = PushOptions {
+            platforms: if store.platforms.is_empty() {
+                PlatformSelection::All
+            } else {
+                PlatformSelection::Only(store.platforms.iter().map(platform_from_wire).collect())
+            },
+            ..PushOptions::default()
+        };
+        self.transfer
+            .push(
+                cx,
+                client,
+                &store.name,
+                &target.reference,
+                &options,
+                progress,
+            )
             .await?;
         Ok(())
+    }
+
+    /// The registry client of a push: hosts directory, plain HTTP and credentials from the
+    /// resolver, as a pull's.
+    async fn push_client(
+        &self,
+        ns: &str,
+        reference: &registry::Reference,
+        resolver: RegistryResolver,
+    ) -> Result<Arc<registry::Client>> {
+        let config_path = if resolver.host_dir.is_empty() {
+            self.transfer.config().config_path.clone()
+        } else {
+            resolver.host_dir.clone()
+        };
+        let mut credentials = std::collections::BTreeMap::new();
+        if !resolver.auth_stream.is_empty() {
+            let stream = self.streams.take(ns, &resolver.auth_stream)?;
+            if let Some(creds) = ask_credentials(stream, reference).await? {
+                credentials.insert(reference.domain.clone(), creds);
+            }
+        }
+        Ok(Arc::new(registry::Client::new(registry::ClientOptions {
+            config_path: Some(config_path)
+                .filter(|p| !p.is_empty())
+                .map(std::path::PathBuf::from),
+            plain_http: resolver.default_scheme == "http",
+            credentials,
+            ..registry::ClientOptions::default()
+        })))
     }
 
     async fn export(
@@ -334,6 +482,8 @@ impl Transfer for TransferService {
             && type_url::is::<ImageExportStream>(&destination)
         {
             self.export(&cx, &ns, &source, &destination, progress).await
+        } else if type_url::is::<ImageStore>(&source) && type_url::is::<OciRegistry>(&destination) {
+            self.push(&cx, &ns, &source, &destination, progress).await
         } else {
             Err(Error::not_implemented(format!(
                 "method Transfer not implemented for {} to {}",

@@ -414,15 +414,15 @@ async fn unsupported_pairs_and_missing_streams() {
     let mut client = TransferClient::new(channel.clone());
     let status = client
         .transfer(request(TransferRequest {
-            source: Some(type_url::to_any(&ImageStore::default())),
-            destination: Some(type_url::to_any(&OciRegistry {
+            source: Some(type_url::to_any(&OciRegistry {
                 reference: "docker.io/library/busybox:latest".into(),
                 resolver: None,
             })),
+            destination: Some(type_url::to_any(&ImageExportStream::default())),
             options: None,
         }))
         .await
-        .expect_err("push is not served yet");
+        .expect_err("registry to export stream is no transfer containerd serves");
     assert_eq!(status.code(), tonic::Code::Unimplemented, "{status:?}");
     assert!(
         status

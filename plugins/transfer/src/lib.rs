@@ -26,6 +26,7 @@ pub mod oci;
 pub mod platform;
 pub mod progress;
 pub mod pull;
+pub mod push;
 pub mod reference;
 pub mod store;
 pub mod testing;
@@ -51,6 +52,7 @@ pub use import::{ImageReference, ImportOptions, ImportReport, Stores};
 pub use platform::{Platform, PlatformSelection};
 pub use progress::{NoProgress, Progress, ProgressSink};
 pub use pull::{PullOptions, PullReport};
+pub use push::{PushOptions, PushReport};
 pub use unpack::{UnpackReport, UnpackTarget};
 
 /// containerd's default snapshotter, preferred when an unpack request names none.
@@ -79,16 +81,17 @@ pub struct UnpackConfig {
 
 /// `[plugins."io.containerd.transfer.v1.local"]`, with containerd's keys and defaults.
 ///
-/// Read: `unpack_config`, `check_platform_supported`, and for pulls
-/// `max_concurrent_downloads` and `config_path`. Accepted but not read yet (no parallel Range
-/// fetches, no push): `concurrent_layer_fetch_buffer`, `max_concurrent_uploaded_layers`. `max_concurrent_unpacks` is not read
-/// either: layers are unpacked one after the other (each needs its parent committed).
+/// Read: `unpack_config`, `check_platform_supported`, for pulls `max_concurrent_downloads`,
+/// `concurrent_layer_fetch_buffer` and `config_path`, for pushes
+/// `max_concurrent_uploaded_layers` and `config_path`. `max_concurrent_unpacks` is not read:
+/// layers are unpacked one after the other (each needs its parent committed).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default)]
 pub struct TransferConfig {
     /// Concurrent blob downloads of a pull (containerd: 3).
     pub max_concurrent_downloads: u32,
-    /// Chunk size of parallel Range fetches of one blob; 0 turns them off.
+    /// Bytes per part of parallel Range fetches of one blob; below 512 (0 included) turns
+    /// them off. With them on, `max_concurrent_downloads` bounds a pull's HTTP requests.
     pub concurrent_layer_fetch_buffer: u64,
     /// Concurrent layer uploads of a push (containerd: 3).
     pub max_concurrent_uploaded_layers: u32,
@@ -337,6 +340,7 @@ impl LocalTransfer {
         let targets = self.resolve_unpacks(unpacks)?;
         let mut options = options.clone();
         options.max_concurrent_downloads = self.config.max_concurrent_downloads;
+        options.concurrent_layer_fetch_buffer = self.config.concurrent_layer_fetch_buffer;
         pull::pull(
             &self.stores,
             cx,
@@ -344,6 +348,31 @@ impl LocalTransfer {
             reference,
             &options,
             &targets,
+            progress,
+        )
+        .await
+    }
+
+    /// Pushes the image `name` of the call's namespace to `reference` through `client`;
+    /// `max_concurrent_uploaded_layers` comes from the configuration.
+    pub async fn push(
+        &self,
+        cx: &CallContext,
+        client: Arc<berth_registry::Client>,
+        name: &str,
+        reference: &str,
+        options: &PushOptions,
+        progress: &dyn ProgressSink,
+    ) -> Result<PushReport> {
+        let mut options = options.clone();
+        options.max_concurrent_uploads = self.config.max_concurrent_uploaded_layers;
+        push::push(
+            &self.stores,
+            cx,
+            client,
+            name,
+            reference,
+            &options,
             progress,
         )
         .await

@@ -12,19 +12,29 @@
 //! 4. Configs and layers are fetched into the content store, verified against their digest
 //!    while streaming (and again by the store at commit), at most
 //!    `max_concurrent_downloads` at a time. Blobs already stored are skipped (`already
-//!    exists`). A failed blob's ingest is aborted so nothing is committed under its digest.
-//! 5. Manifests a target accepts are unpacked ([`crate::unpack`]), then the image record is
+//!    exists`). With `concurrent_layer_fetch_buffer` (>= 512 bytes), a blob bigger than it
+//!    is fetched as parallel `Range` parts ([`registry::ranged`]), and then
+//!    `max_concurrent_downloads` bounds the HTTP requests of the whole pull, as containerd
+//!    does since PR 10177.
+//! 5. Resume: an ingest an interrupted pull left under the blob's ref (`layer-<digest>`,
+//!    ...) is continued from its offset with a `Range` request. The content store re-hashes
+//!    an ingest when it is reopened, so the writer's digest covers the bytes already there and
+//!    is checked against the blob's before commit (the stream checks the size, and the whole
+//!    digest itself when the registry ignores `Range` and sends everything). A registry that
+//!    refuses the range (416) gets the blob asked for from its start, the ingest truncated.
+//!    An ingest whose fetch broke off (transport error, 5xx) is handed from the pull's lease
+//!    to the store's 24-hour expiry for unleased ingests, so the lease's end does not let the
+//!    garbage collector take what the next pull can resume from; a blob that failed
+//!    verification has its ingest aborted instead, so nothing is committed under its digest
+//!    and nothing wrong is resumed from.
+//! 6. Manifests a target accepts are unpacked ([`crate::unpack`]), then the image record is
 //!    written under the reference's full name, created or updated.
-//!
-//! Not done (yet): resuming a partial ingest left by an interrupted pull; the ingest is
-//! truncated and fetched from its start, because the content store offers no way to read an
-//! ingest's bytes back to seed the digest.
 
 use std::collections::HashSet;
 use std::sync::Arc;
-use std::time::SystemTime;
+use std::time::{Duration, Instant, SystemTime};
 
-use berth_core::content::{CallContext, ContentStore, Digest, WriterRequest};
+use berth_core::content::{CallContext, ContentStore, ContentWriter, Digest, WriterRequest};
 use berth_core::error::ErrorKind;
 use berth_core::labels::Labels;
 use berth_core::metadata::images::Image;
@@ -55,8 +65,12 @@ pub struct PullOptions {
     pub platforms: PlatformSelection,
     /// Labels of the image record.
     pub labels: Labels,
-    /// Blobs fetched at the same time (0 counts as 1).
+    /// Blobs fetched at the same time (0 counts as 1); with multipart on, HTTP requests in
+    /// flight at the same time.
     pub max_concurrent_downloads: u32,
+    /// Bytes per ranged part of a multipart blob fetch; below 512 (0 included) multipart is
+    /// off (containerd's `concurrent_layer_fetch_buffer`).
+    pub concurrent_layer_fetch_buffer: u64,
 }
 
 impl Default for PullOptions {
@@ -65,6 +79,7 @@ impl Default for PullOptions {
             platforms: PlatformSelection::host(),
             labels: Labels::new(),
             max_concurrent_downloads: 3,
+            concurrent_layer_fetch_buffer: 0,
         }
     }
 }
@@ -122,16 +137,7 @@ pub async fn pull(
                 }
             }
         }
-        let fetched = fetch_blobs(
-            stores,
-            &cx,
-            &client,
-            &parsed,
-            blobs,
-            options.max_concurrent_downloads,
-            progress,
-        )
-        .await?;
+        let fetched = fetch_blobs(stores, &cx, &client, &parsed, blobs, options, progress).await?;
 
         let mut unpacked = Vec::new();
         if !unpacks.is_empty() {
@@ -307,17 +313,21 @@ async fn fetch_document(
     Ok(bytes)
 }
 
-/// Fetches `blobs` not yet stored, `limit` at a time; returns how many were fetched.
+/// Fetches `blobs` not yet stored, `options.max_concurrent_downloads` at a time (and as
+/// many requests at a time with multipart on); returns how many were fetched.
 async fn fetch_blobs(
     stores: &Stores,
     cx: &CallContext,
     client: &Arc<registry::Client>,
     reference: &Arc<registry::Reference>,
     blobs: Vec<Descriptor>,
-    limit: u32,
+    options: &PullOptions,
     progress: &dyn ProgressSink,
 ) -> Result<usize> {
-    let permits = Arc::new(Semaphore::new(limit.max(1) as usize));
+    let limit = options.max_concurrent_downloads.max(1) as usize;
+    let permits = Arc::new(Semaphore::new(limit));
+    // One limiter for every request of the pull: clones of one value share it.
+    let multipart = registry::Multipart::new(options.concurrent_layer_fetch_buffer, limit);
     let (tx, mut rx) = mpsc::unbounded_channel::<Progress>();
     // Dropping the set (an error, or the caller cancelling) aborts the other downloads.
     let mut tasks = JoinSet::new();
@@ -328,13 +338,19 @@ async fn fetch_blobs(
             Arc::clone(client),
             Arc::clone(reference),
         );
-        let (permits, tx) = (Arc::clone(&permits), tx.clone());
+        let (permits, tx, multipart) = (Arc::clone(&permits), tx.clone(), multipart.clone());
         tasks.spawn(async move {
             let _permit = permits
                 .acquire_owned()
                 .await
                 .map_err(|_| Error::Core(berth_core::Error::internal("download slots closed")))?;
-            fetch_blob(content.as_ref(), &cx, &client, &reference, &blob, &tx).await
+            let fetch = BlobFetch {
+                client: &client,
+                reference: &reference,
+                multipart: multipart.as_ref(),
+                progress: &tx,
+            };
+            fetch.run(content.as_ref(), &cx, &blob).await
         });
     }
     drop(tx);
@@ -361,71 +377,208 @@ async fn fetch_blobs(
     Ok(fetched)
 }
 
-/// Fetches one blob into the store; `false` when it was there already.
-async fn fetch_blob(
-    content: &dyn ContentStore,
-    cx: &CallContext,
-    client: &registry::Client,
-    reference: &registry::Reference,
-    desc: &Descriptor,
-    progress: &mpsc::UnboundedSender<Progress>,
-) -> Result<bool> {
-    let key = progress::ref_key(desc);
-    let exists = |key: String| {
-        Progress::about(progress::ALREADY_EXISTS, key, desc.size, desc.size).with_desc(desc.clone())
-    };
-    if store::exists(content, cx, &desc.digest).await? {
-        let _ = progress.send(exists(key));
-        return Ok(false);
-    }
-    let request = WriterRequest {
-        reference: key.clone(),
-        total: desc.size,
-        expected: Some(desc.digest.clone()),
-    };
-    let Some(mut writer) = store::open_writer(content, cx, request).await? else {
-        let _ = progress.send(exists(key));
-        return Ok(false);
-    };
-    let result = async {
-        let mut stream = client
-            .fetch(reference, &convert::registry_descriptor(desc)?, None)
-            .await
-            .map_err(convert::registry_error)?;
-        let _ = progress.send(
-            Progress::about(progress::DOWNLOADING, key.clone(), 0, desc.size)
-                .with_desc(desc.clone()),
+/// What fetching one blob needs besides the store.
+struct BlobFetch<'a> {
+    client: &'a Arc<registry::Client>,
+    reference: &'a registry::Reference,
+    multipart: Option<&'a registry::Multipart>,
+    progress: &'a mpsc::UnboundedSender<Progress>,
+}
+
+impl BlobFetch<'_> {
+    /// Fetches one blob into the store, resuming its ingest when one is there; `false` when
+    /// the blob was stored already.
+    async fn run(
+        &self,
+        content: &dyn ContentStore,
+        cx: &CallContext,
+        desc: &Descriptor,
+    ) -> Result<bool> {
+        let key = progress::ref_key(desc);
+        let exists = |key: String| {
+            Progress::about(progress::ALREADY_EXISTS, key, desc.size, desc.size)
+                .with_desc(desc.clone())
+        };
+        if store::exists(content, cx, &desc.digest).await? {
+            let _ = self.progress.send(exists(key));
+            return Ok(false);
+        }
+        let request = WriterRequest {
+            reference: key.clone(),
+            total: desc.size,
+            expected: Some(desc.digest.clone()),
+        };
+        let Some(mut writer) = open_ingest(content, cx, request.clone()).await? else {
+            let _ = self.progress.send(exists(key));
+            return Ok(false);
+        };
+        let mut transient = false;
+        if let Err(e) = self.copy(writer.as_mut(), desc, &key, &mut transient).await {
+            let held = writer.status().offset;
+            let _ = writer.close().await;
+            if transient && held > 0 {
+                keep_ingest(content, cx, request).await;
+                return Err(Error::Core(berth_core::Error::new(
+                    ErrorKind::Unavailable,
+                    format!(
+                        "{e}; the {held} bytes of {} fetched are kept: pulling again resumes \
+                         from there",
+                        desc.digest
+                    ),
+                )));
+            }
+            // A blob that failed verification must not be resumed from, and nothing may stay
+            // under its ref for a later pull to trip on.
+            if let Err(abort) = content.abort(cx, &key).await {
+                tracing::debug!(reference = %key, error = %abort, "cannot abort the failed ingest");
+            }
+            return Err(e);
+        }
+        store::commit(writer, desc.size, Some(desc.digest.clone()), Labels::new()).await?;
+        let _ = self.progress.send(
+            Progress::about(progress::COMPLETE, key, desc.size, desc.size).with_desc(desc.clone()),
         );
-        let mut last_report = 0u64;
-        while let Some(chunk) = stream.chunk().await.map_err(convert::registry_error)? {
+        Ok(true)
+    }
+
+    /// Streams the blob into `writer` from the writer's offset on; ends with the writer
+    /// holding exactly the blob. Sets `transient` when the registry connection failed (worth
+    /// resuming) rather than the content.
+    async fn copy(
+        &self,
+        writer: &mut dyn ContentWriter,
+        desc: &Descriptor,
+        key: &str,
+        transient: &mut bool,
+    ) -> Result<()> {
+        let rdesc = convert::registry_descriptor(desc)?;
+        let mut held = writer.status().offset;
+        if held >= desc.size && held > 0 {
+            // Everything arrived before the commit was cut short, or the ingest is not this
+            // blob at all.
+            if held == desc.size && writer.digest() == desc.digest {
+                return Ok(());
+            }
+            writer.truncate(0).await?;
+            held = 0;
+        }
+        if held > 0 {
+            tracing::info!(reference = %key, offset = held, size = desc.size, "resuming the ingest of an interrupted pull");
+        }
+        let options = |held: u64| registry::FetchOptions {
+            prefix: registry::Prefix::Held(held),
+            multipart: self.multipart.cloned(),
+        };
+        let note = |e: registry::Error, transient: &mut bool| {
+            *transient = matches!(
+                e,
+                registry::Error::Http { .. }
+                    | registry::Error::Status {
+                        status: 500..=599,
+                        ..
+                    }
+            );
+            convert::registry_error(e)
+        };
+        let mut stream = match self
+            .client
+            .fetch_with(self.reference, &rdesc, options(held))
+            .await
+        {
+            Ok(stream) => stream,
+            Err(registry::Error::Status { status: 416, .. }) if held > 0 => {
+                tracing::info!(reference = %key, offset = held, "the registry refuses the range; fetching the blob from its start");
+                writer.truncate(0).await?;
+                self.client
+                    .fetch_with(self.reference, &rdesc, options(0))
+                    .await
+                    .map_err(|e| note(e, transient))?
+            }
+            Err(e) => return Err(note(e, transient)),
+        };
+        let _ = self.progress.send(
+            Progress::about(
+                progress::DOWNLOADING,
+                key.to_owned(),
+                stream.offset(),
+                desc.size,
+            )
+            .with_desc(desc.clone()),
+        );
+        let mut last_report = stream.offset();
+        while let Some(chunk) = stream.chunk().await.map_err(|e| note(e, transient))? {
             writer.write(&chunk).await?;
             let done = stream.offset();
             // About one event per MiB keeps the stream to the client small.
             if done - last_report >= 1 << 20 {
                 last_report = done;
-                let _ = progress.send(
-                    Progress::about(progress::DOWNLOADING, key.clone(), done, desc.size)
+                let _ = self.progress.send(
+                    Progress::about(progress::DOWNLOADING, key.to_owned(), done, desc.size)
                         .with_desc(desc.clone()),
                 );
             }
         }
-        Ok::<(), Error>(())
-    }
-    .await;
-    if let Err(e) = result {
-        // A blob that failed verification must not be resumed from, and nothing may stay
-        // under its ref for a later pull to trip on.
-        let _ = writer.close().await;
-        if let Err(abort) = content.abort(cx, &key).await {
-            tracing::debug!(reference = %key, error = %abort, "cannot abort the failed ingest");
+        if !stream.verifies_digest() {
+            let actual = writer.digest();
+            if actual != desc.digest {
+                return Err(convert::registry_error(registry::Error::DigestMismatch {
+                    expected: desc.digest.to_string(),
+                    actual: actual.to_string(),
+                }));
+            }
         }
-        return Err(e);
+        Ok(())
     }
-    store::commit(writer, desc.size, Some(desc.digest.clone()), Labels::new()).await?;
-    let _ = progress.send(
-        Progress::about(progress::COMPLETE, key, desc.size, desc.size).with_desc(desc.clone()),
-    );
-    Ok(true)
+}
+
+/// How long to wait for an ingest another writer holds (a concurrent pull of the same blob).
+const LOCKED_INGEST_WAIT: Duration = Duration::from_secs(300);
+
+/// Opens the blob's ingest, keeping what an earlier pull left in it (unlike
+/// [`store::open_writer`], which starts over), and waiting while another writer holds it.
+/// `None` when the blob is stored already.
+async fn open_ingest(
+    content: &dyn ContentStore,
+    cx: &CallContext,
+    request: WriterRequest,
+) -> Result<Option<Box<dyn ContentWriter>>> {
+    use berth_core::error::Classify as _;
+    let started = Instant::now();
+    let mut delay = Duration::from_millis(10);
+    loop {
+        match content.writer(cx, request.clone()).await {
+            Ok(writer) => return Ok(Some(writer)),
+            Err(e) if e.kind() == ErrorKind::AlreadyExists => return Ok(None),
+            Err(e)
+                if e.kind() == ErrorKind::Unavailable && started.elapsed() < LOCKED_INGEST_WAIT =>
+            {
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(1));
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
+/// Hands an interrupted ingest from the pull's lease over to the store's expiry for unleased
+/// ingests (24 hours, containerd's too): reopening it without a lease sets the expiry, which
+/// keeps it from the garbage collector once the pull's lease is gone.
+async fn keep_ingest(content: &dyn ContentStore, cx: &CallContext, request: WriterRequest) {
+    let unleased = CallContext {
+        namespace: cx.namespace.clone(),
+        lease: None,
+    };
+    let reference = request.reference.clone();
+    match content.writer(&unleased, request).await {
+        Ok(writer) => {
+            if let Err(e) = writer.close().await {
+                tracing::debug!(%reference, error = %e, "cannot release the kept ingest");
+            }
+        }
+        Err(e) => {
+            tracing::warn!(%reference, error = %e, "cannot keep the interrupted ingest; the next pull starts it over");
+        }
+    }
 }
 
 /// The one place where the registry client's types meet berth's.
