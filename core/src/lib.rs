@@ -16,6 +16,7 @@
 pub mod config;
 pub mod content;
 pub mod diff;
+pub mod dynamic;
 pub mod error;
 pub mod events;
 pub mod filters;

@@ -82,10 +82,9 @@ pub fn review(loaded: &Loaded) -> anyhow::Result<(Vec<String>, Vec<String>)> {
             warnings.push(format!("{name} names {uri:?}, which berth does not build"));
         }
     }
-    for name in loaded.config.proxy_plugins.keys() {
-        warnings.push(format!(
-            "[proxy_plugins.{name}] is ignored: this berthd does not connect proxy plugins yet"
-        ));
+    let problems = crate::proxy::check(&loaded.config);
+    if !problems.is_empty() {
+        anyhow::bail!("{}", problems.join("; "));
     }
     Ok((warnings, infos))
 }

@@ -10,7 +10,7 @@ use berth_core::config::{self, Config, Loaded};
 use berth_core::serve::{self, GrpcServiceKind, MessageLimits, ServeError, ServeOptions, Shutdown};
 use tokio::signal::unix::{SignalKind, signal};
 
-use crate::{builtins, config_cmd};
+use crate::{builtins, config_cmd, dynamic, proxy};
 
 /// Command-line settings of a daemon run.
 pub struct Options {
@@ -122,7 +122,16 @@ async fn serve_daemon(config: Config, started: Instant) -> anyhow::Result<()> {
     let shutdown = Shutdown::new();
     spawn_signal_handler(shutdown.clone())?;
 
-    let registry = builtins::registry()?;
+    let mut registry = builtins::registry()?;
+    proxy::register(&mut registry, &config)?;
+    if let Some(dir) = config.plugin_dir.clone() {
+        // dlopen and the directory walk block: off the runtime's worker threads.
+        let loaded = tokio::task::spawn_blocking(move || dynamic::load_dir(&dir))
+            .await
+            .context("load plugin libraries")?;
+        let refusals = dynamic::register(&mut registry, loaded);
+        dynamic::check_required(&config, &registry, &refusals)?;
+    }
     let plugins = registry.init(&config).await.context("plugin init")?;
 
     let limits = MessageLimits {
@@ -159,11 +168,14 @@ fn spawn_signal_handler(shutdown: Shutdown) -> anyhow::Result<()> {
     let mut term = signal(SignalKind::terminate()).context("install SIGTERM handler")?;
     let mut int = signal(SignalKind::interrupt()).context("install SIGINT handler")?;
     tokio::spawn(async move {
-        tokio::select! {
-            _ = term.recv() => tracing::info!("SIGTERM received; shutting down"),
-            _ = int.recv() => tracing::info!("SIGINT received; shutting down"),
-        }
+        let name = tokio::select! {
+            _ = term.recv() => "SIGTERM",
+            _ = int.recv() => "SIGINT",
+        };
+        // Trigger before logging: a failed log write (stderr a closed pipe) panics in
+        // tracing-subscriber and must not keep berthd from stopping.
         shutdown.trigger();
+        tracing::info!("{name} received; shutting down");
     });
     Ok(())
 }

@@ -4,6 +4,8 @@
 mod builtins;
 mod config_cmd;
 mod daemon;
+mod dynamic;
+mod proxy;
 
 use std::path::PathBuf;
 use std::process::ExitCode;

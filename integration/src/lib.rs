@@ -59,6 +59,7 @@ pub use tonic;
 pub mod api;
 pub mod archive;
 pub mod images;
+pub mod recording_proxy;
 pub mod registry;
 pub mod token_server;
 pub mod tree;
@@ -127,6 +128,17 @@ pub fn berthd_binary(profile: Profile) -> Result<PathBuf> {
 /// Locates the `berth` CLI: `$BERTH`, else `<target>/debug/berth` (as [`berthd_binary`]).
 pub fn berth_binary() -> Result<PathBuf> {
     workspace_binary("berth", "BERTH", "berth-cli", Profile::Debug)
+}
+
+/// Locates the example proxy snapshotter (`examples/snapshotter`):
+/// `$BERTH_EXAMPLE_SNAPSHOTTER`, else `<target>/debug/berth-example-snapshotter`.
+pub fn example_snapshotter_binary() -> Result<PathBuf> {
+    workspace_binary(
+        "berth-example-snapshotter",
+        "BERTH_EXAMPLE_SNAPSHOTTER",
+        "berth-example-snapshotter",
+        Profile::Debug,
+    )
 }
 
 /// A binary of this workspace: `$<env>` if set, else `<target>/<profile>/<name>`; a missing

@@ -200,6 +200,51 @@ impl WalkingDiffer {
     }
 }
 
+/// Aborts a compare's own ingest when the compare is dropped midway (the caller cancelled),
+/// so a cancelled diff leaves nothing in the store, as a failed one does.
+struct AbortOnDrop {
+    content: Arc<dyn ContentStore>,
+    cx: CallContext,
+    reference: String,
+    armed: bool,
+}
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        if !self.armed {
+            return;
+        }
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            tracing::warn!(reference = %self.reference, "diff cancelled outside a runtime: its ingest stays");
+            return;
+        };
+        let content = Arc::clone(&self.content);
+        let cx = self.cx.clone();
+        let reference = std::mem::take(&mut self.reference);
+        runtime.spawn(async move {
+            // A remote store notices the dropped writer a moment later: until then the ref
+            // is locked (Unavailable).
+            let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+            loop {
+                match content.abort(&cx, &reference).await {
+                    Ok(()) => return,
+                    Err(e) if e.kind() == ErrorKind::NotFound => return,
+                    Err(e)
+                        if e.kind() == ErrorKind::Unavailable
+                            && tokio::time::Instant::now() < deadline =>
+                    {
+                        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+                    }
+                    Err(e) => {
+                        tracing::warn!(%reference, "abort the cancelled diff ingest: {e}");
+                        return;
+                    }
+                }
+            }
+        });
+    }
+}
+
 /// Bytes sent to the content writer at a time.
 const CHUNK: usize = 1 << 20;
 
@@ -338,6 +383,14 @@ impl Differ for WalkingDiffer {
             Some(r) => (r, false),
             None => (unique_reference(), true),
         };
+        // Declared before the writer so that, when a cancelled call drops this future, the
+        // writer goes first and releases the ref the abort then removes.
+        let mut abandoned = AbortOnDrop {
+            content: Arc::clone(&self.content),
+            cx: cx.clone(),
+            reference: reference.clone(),
+            armed: false,
+        };
         let mut writer = self
             .content
             .writer(
@@ -349,6 +402,7 @@ impl Differ for WalkingDiffer {
                 },
             )
             .await?;
+        abandoned.armed = fresh;
         let job = CompareJob {
             lower: lower.to_vec(),
             upper: upper.to_vec(),
@@ -371,6 +425,7 @@ impl Differ for WalkingDiffer {
                 if let Err(close) = writer.close().await {
                     tracing::warn!(%reference, "close the failed diff ingest: {close}");
                 }
+                abandoned.armed = false;
                 if fresh && let Err(abort) = self.content.abort(cx, &reference).await {
                     tracing::warn!(%reference, "abort the failed diff ingest: {abort}");
                 }
@@ -380,7 +435,11 @@ impl Differ for WalkingDiffer {
         let digest = writer.digest();
         let mut labels = options.labels.clone();
         labels.insert(UNCOMPRESSED_LABEL.to_owned(), outcome.diff_id.to_string());
-        match writer.commit(0, Some(digest.clone()), labels).await {
+        let committed = writer.commit(0, Some(digest.clone()), labels).await;
+        // Committed or not, the ingest is the store's business from here (containerd leaves
+        // a failed commit's ingest for the caller to retry or abort).
+        abandoned.armed = false;
+        match committed {
             Ok(()) => {}
             // The same layer was written before: it is the answer, as in containerd.
             Err(e) if e.kind() == ErrorKind::AlreadyExists => {}

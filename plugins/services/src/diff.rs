@@ -2,23 +2,22 @@
 //! differs, in the order `[plugins."io.containerd.service.v1.diff-service"] default` gives
 //! (containerd's key; default `["walking"]`). A differ answering NotImplemented passes the
 //! call to the next one, so e.g. an erofs differ can sit in front of the walking one.
+//!
+//! Both adapters of the differ kind live in proxy-sdk (a vendor's proxy needs them without
+//! berthd's services) and are re-exported here: berthd serves its ordered differs with
+//! [`DiffService`], a proxy differ serves its one [`Differ`] the same way, and [`DiffClient`]
+//! reaches either.
 
 use std::sync::Arc;
 
 use berth_core::content::CallContext;
 use berth_core::diff::{ApplyOptions, DiffOptions, Differ, DifferKind};
 use berth_core::error::{Classify, Error, ErrorKind, Result};
-use berth_core::namespace;
 use berth_core::registry::{InitError, Instance, PluginKind, PluginType, Registration};
-use berth_core::serve::{GrpcService, GrpcServiceKind, MessageLimits};
+use berth_core::serve::GrpcServiceKind;
 use berth_core::snapshot::Descriptor;
-use berth_proto::containerd::services::diff::v1::diff_server::{Diff, DiffServer};
-use berth_proto::containerd::services::diff::v1::{
-    ApplyRequest, ApplyResponse, DiffRequest, DiffResponse,
-};
 
-use crate::images::{descriptor_from_wire, descriptor_to_wire};
-use crate::snapshots::mount_from_wire;
+pub use berth_proxy_sdk::diff::*;
 
 /// `[plugins."io.containerd.service.v1.diff-service"]`.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
@@ -142,80 +141,13 @@ pub fn service_registration() -> Registration {
     .with_config::<DiffServiceConfig>()
 }
 
-/// The diff gRPC service.
-#[derive(Clone)]
-pub struct DiffService {
-    differs: Arc<OrderedDiffers>,
-}
-
-fn call_context<T>(request: &tonic::Request<T>) -> Result<CallContext> {
-    Ok(CallContext {
-        namespace: Some(namespace::require(request.metadata())?),
-        lease: namespace::lease_from_metadata(request.metadata()),
-    })
-}
-
-type Reply<T> = std::result::Result<tonic::Response<T>, tonic::Status>;
-
-#[tonic::async_trait]
-impl Diff for DiffService {
-    async fn apply(&self, request: tonic::Request<ApplyRequest>) -> Reply<ApplyResponse> {
-        let cx = call_context(&request)?;
-        let req = request.into_inner();
-        let desc = descriptor_from_wire(
-            req.diff
-                .ok_or_else(|| Error::invalid_argument("apply request names no layer"))?,
-        )?;
-        let mounts: Vec<_> = req.mounts.into_iter().map(mount_from_wire).collect();
-        let options = ApplyOptions {
-            sync_fs: req.sync_fs,
-            payloads: req
-                .payloads
-                .into_iter()
-                .map(|(k, v)| (k, (v.type_url, v.value)))
-                .collect(),
-        };
-        let applied = self.differs.apply(&cx, &desc, &mounts, &options).await?;
-        Ok(tonic::Response::new(ApplyResponse {
-            applied: Some(descriptor_to_wire(&applied)),
-        }))
-    }
-
-    async fn diff(&self, request: tonic::Request<DiffRequest>) -> Reply<DiffResponse> {
-        let cx = call_context(&request)?;
-        let req = request.into_inner();
-        let lower: Vec<_> = req.left.into_iter().map(mount_from_wire).collect();
-        let upper: Vec<_> = req.right.into_iter().map(mount_from_wire).collect();
-        let options = DiffOptions {
-            media_type: Some(req.media_type).filter(|m| !m.is_empty()),
-            reference: Some(req.r#ref).filter(|r| !r.is_empty()),
-            labels: req.labels.into_iter().collect(),
-            source_date_epoch: req
-                .source_date_epoch
-                .map(std::time::SystemTime::try_from)
-                .transpose()
-                .map_err(|e| Error::invalid_argument(format!("source_date_epoch: {e}")))?,
-        };
-        let diff = self.differs.compare(&cx, &lower, &upper, &options).await?;
-        Ok(tonic::Response::new(DiffResponse {
-            diff: Some(descriptor_to_wire(&diff)),
-        }))
-    }
-}
-
-impl GrpcService for DiffService {
-    fn add_to(&self, routes: &mut tonic::service::RoutesBuilder, limits: MessageLimits) {
-        routes.add_service(crate::with_limits!(DiffServer::new(self.clone()), limits));
-    }
-}
-
 /// `io.containerd.grpc.v1.diff`.
 pub fn registration() -> Registration {
     Registration::new(PluginType::GRPC, "diff", |ctx| async move {
-        let differs = ctx.get::<DiffServiceKind>("diff-service")?;
-        Ok(Instance::new::<GrpcServiceKind>(Arc::new(DiffService {
-            differs,
-        })))
+        let differs: Arc<dyn Differ> = ctx.get::<DiffServiceKind>("diff-service")?;
+        Ok(Instance::new::<GrpcServiceKind>(Arc::new(
+            DiffService::new(differs),
+        )))
     })
     .requires(&[PluginType::SERVICE])
 }

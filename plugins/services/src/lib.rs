@@ -1,9 +1,9 @@
 //! berth's basic gRPC service plugins (`io.containerd.grpc.v1.<id>`): version, introspection,
 //! namespaces, health, events, leases, content and snapshots. Each is a thin adapter from containerd's wire API to the core.
 
-mod call;
 pub mod content;
 pub mod diff;
+pub mod diff_client;
 pub mod events;
 pub mod health;
 pub mod images;

@@ -11,6 +11,7 @@ use std::future::Future;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 pub mod content;
+pub mod differ;
 pub mod snapshotter;
 
 /// What a suite run did.

@@ -1,157 +1,31 @@
-//! `containerd.services.snapshots.v1.Snapshots`: both adapters of the snapshotter kind.
-//!
-//! - [`SnapshotsService`] (trait -> tonic) serves snapshotters on the wire: berthd serves the
-//!   metadata layer's namespaced snapshotters, dispatching on each request's `snapshotter`
-//!   field as containerd's `plugins/services/snapshots/service.go`; a proxy plugin serves one
-//!   snapshotter whatever the field says, as containerd's `contrib/snapshotservice`.
-//! - [`SnapshotsClient`] (tonic -> trait) is a [`Snapshotter`] backed by a remote snapshots
-//!   service for one snapshotter name, as containerd's `core/snapshots/proxy`: what a proxy
-//!   snapshotter plugin is inside berthd, and what the tests use.
-//!
-//! A snapshotter served by [`SnapshotsService`] and reached through [`SnapshotsClient`]
-//! behaves like the snapshotter itself; the conformance suite checks that.
-//!
-//! [`Snapshotter`]: berth_core::snapshot::Snapshotter
+//! `containerd.services.snapshots.v1.Snapshots`: both adapters of the snapshotter kind live in
+//! proxy-sdk (a vendor's proxy needs them without berthd's services), re-exported here, and
+//! the `io.containerd.grpc.v1.snapshots` plugin that serves the metadata layer's snapshotters.
 
-pub mod client;
-pub mod server;
+use std::sync::Arc;
 
-pub use client::SnapshotsClient;
-pub use server::{SnapshotsService, registration};
+use berth_core::metadata::MetadataKind;
+use berth_core::registry::{Instance, PluginType, Registration};
+use berth_core::serve::GrpcServiceKind;
 
-use std::time::SystemTime;
+pub use berth_proxy_sdk::snapshots::*;
 
-use berth_core::content::CallContext;
-use berth_core::error::{Error, Result};
-use berth_core::namespace;
-use berth_core::snapshot::{Mount, SnapshotInfo, SnapshotKind, Usage};
-use berth_proto::containerd::services::snapshots::v1 as wire;
-use berth_proto::containerd::types;
-
-/// containerd sends List results in batches of this many infos.
-pub const LIST_BATCH: usize = 100;
-
-/// The caller's namespace and lease, from the request headers.
-pub(crate) fn call_context(metadata: &tonic::metadata::MetadataMap) -> Result<CallContext> {
-    Ok(CallContext {
-        namespace: namespace::from_metadata(metadata)?,
-        lease: namespace::lease_from_metadata(metadata),
+/// `io.containerd.grpc.v1.snapshots`: serves the metadata layer's namespaced snapshotters
+/// (one per loaded snapshotter plugin, proxies included), by name.
+pub fn registration() -> Registration {
+    Registration::new(PluginType::GRPC, "snapshots", |ctx| async move {
+        let metadata = ctx.single::<MetadataKind>()?;
+        let snapshotters = metadata
+            .snapshotter_names()
+            .into_iter()
+            .filter_map(|name| {
+                let sn = metadata.snapshotter(&name)?;
+                Some((name, sn))
+            })
+            .collect();
+        Ok(Instance::new::<GrpcServiceKind>(Arc::new(
+            SnapshotsService::new(snapshotters),
+        )))
     })
-}
-
-pub(crate) fn kind_to_wire(kind: SnapshotKind) -> wire::Kind {
-    match kind {
-        SnapshotKind::Unknown => wire::Kind::Unknown,
-        SnapshotKind::View => wire::Kind::View,
-        SnapshotKind::Active => wire::Kind::Active,
-        SnapshotKind::Committed => wire::Kind::Committed,
-    }
-}
-
-pub(crate) fn kind_from_wire(kind: i32) -> SnapshotKind {
-    match wire::Kind::try_from(kind) {
-        Ok(wire::Kind::View) => SnapshotKind::View,
-        Ok(wire::Kind::Active) => SnapshotKind::Active,
-        Ok(wire::Kind::Committed) => SnapshotKind::Committed,
-        _ => SnapshotKind::Unknown,
-    }
-}
-
-/// An absent timestamp is the epoch (the domain types have no "unset" time).
-fn time_from_wire(ts: Option<prost_types::Timestamp>, what: &str) -> Result<SystemTime> {
-    match ts {
-        None => Ok(SystemTime::UNIX_EPOCH),
-        Some(ts) => SystemTime::try_from(ts)
-            .map_err(|e| Error::invalid_argument(format!("snapshot {what}: {e}"))),
-    }
-}
-
-pub(crate) fn info_to_wire(info: SnapshotInfo) -> wire::Info {
-    wire::Info {
-        name: info.name,
-        parent: info.parent.unwrap_or_default(),
-        kind: kind_to_wire(info.kind).into(),
-        created_at: Some(info.created_at.into()),
-        updated_at: Some(info.updated_at.into()),
-        labels: info.labels.into_iter().collect(),
-    }
-}
-
-/// An info from the wire; a bad timestamp is InvalidArgument (the caller decides whose fault
-/// that is).
-pub(crate) fn info_from_wire(info: wire::Info) -> Result<SnapshotInfo> {
-    Ok(SnapshotInfo {
-        name: info.name,
-        // containerd's empty string is "no parent".
-        parent: Some(info.parent).filter(|p| !p.is_empty()),
-        kind: kind_from_wire(info.kind),
-        created_at: time_from_wire(info.created_at, "created_at")?,
-        updated_at: time_from_wire(info.updated_at, "updated_at")?,
-        labels: info.labels.into_iter().collect(),
-    })
-}
-
-pub(crate) fn mount_to_wire(m: Mount) -> types::Mount {
-    types::Mount {
-        r#type: m.kind,
-        source: m.source,
-        target: m.target,
-        options: m.options,
-    }
-}
-
-pub(crate) fn mount_from_wire(m: types::Mount) -> Mount {
-    Mount {
-        kind: m.r#type,
-        source: m.source,
-        target: m.target,
-        options: m.options,
-    }
-}
-
-pub(crate) fn usage_to_wire(u: Usage) -> wire::UsageResponse {
-    wire::UsageResponse {
-        size: u.size,
-        inodes: u.inodes,
-    }
-}
-
-/// Fields of a snapshot for filters, as containerd's `adaptSnapshot`.
-pub(crate) fn info_field(info: &SnapshotInfo, path: &[String]) -> Option<String> {
-    match path.first().map(String::as_str)? {
-        "name" => Some(info.name.clone()),
-        "parent" => info.parent.clone(),
-        "kind" => Some(info.kind.name().to_owned()),
-        "labels" => info.labels.get(&path[1..].join(".")).cloned(),
-        _ => None,
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn info_and_mounts_round_trip() {
-        let info = SnapshotInfo {
-            name: "a/b".into(),
-            parent: None,
-            kind: SnapshotKind::View,
-            created_at: SystemTime::UNIX_EPOCH + std::time::Duration::new(5, 7),
-            updated_at: SystemTime::UNIX_EPOCH + std::time::Duration::new(6, 8),
-            labels: [("k".to_owned(), "v".to_owned())].into(),
-        };
-        let w = info_to_wire(info.clone());
-        assert_eq!(w.parent, "");
-        assert_eq!(w.kind, wire::Kind::View as i32);
-        assert_eq!(info_from_wire(w).expect("back"), info);
-        let m = Mount {
-            kind: "overlay".into(),
-            source: "overlay".into(),
-            target: String::new(),
-            options: vec!["lowerdir=/a:/b".into()],
-        };
-        assert_eq!(mount_from_wire(mount_to_wire(m.clone())), m);
-        assert_eq!(kind_from_wire(42), SnapshotKind::Unknown);
-    }
+    .requires(&[PluginType::METADATA])
 }

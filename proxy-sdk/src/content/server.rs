@@ -44,10 +44,8 @@ use berth_core::content::{
 };
 use berth_core::error::{Classify, Error, ErrorKind, Result, to_status};
 use berth_core::filters::Filter;
-use berth_core::metadata::MetadataKind;
 use berth_core::namespace;
-use berth_core::registry::{InitError, Instance, PluginType, Registration};
-use berth_core::serve::{GrpcService, GrpcServiceKind, MessageLimits};
+use berth_core::serve::{GrpcService, MessageLimits};
 use berth_proto::containerd::services::content::v1::content_server::{Content, ContentServer};
 use berth_proto::containerd::services::content::v1::{
     AbortRequest, DeleteContentRequest, InfoRequest, InfoResponse, ListContentRequest,
@@ -495,19 +493,4 @@ impl GrpcService for ContentService {
             limits
         ));
     }
-}
-
-/// `io.containerd.grpc.v1.content`: serves the namespaced content store of the metadata layer
-/// (blobs from the loaded content plugin, recorded per namespace, leased and collected).
-pub fn registration() -> Registration {
-    Registration::new(PluginType::GRPC, "content", |ctx| async move {
-        let metadata = ctx.single::<MetadataKind>()?;
-        let store = metadata
-            .content()
-            .ok_or_else(|| InitError::Skip("no content store plugin is loaded".to_owned()))?;
-        Ok(Instance::new::<GrpcServiceKind>(Arc::new(
-            ContentService::new(store),
-        )))
-    })
-    .requires(&[PluginType::METADATA])
 }

@@ -1,15 +1,15 @@
 //! The server adapter: snapshotters served as `containerd.services.snapshots.v1.Snapshots`.
 //!
-//! Every RPC builds a [`CallContext`] from the request headers (`containerd-namespace`,
-//! validated when present, and `containerd-lease`); the snapshotter decides whether it needs
-//! a namespace (the metadata layer's do). Errors become statuses through
+//! Every RPC builds a [`CallContext`](berth_core::content::CallContext) from the request
+//! headers (`containerd-namespace`, validated when present, and `containerd-lease`); the
+//! snapshotter decides whether it needs a namespace (the metadata layer's do). Errors become statuses through
 //! [`berth_core::error::to_status`] only.
 //!
 //! As containerd's `plugins/services/snapshots/service.go` (the same in v1.6.20):
 //!
 //! - the `snapshotter` field picks the snapshotter; empty is InvalidArgument ("snapshotter
 //!   argument missing"), an unknown name is InvalidArgument too ("snapshotter not loaded");
-//! - List streams its infos in batches of [`LIST_BATCH`](super::LIST_BATCH);
+//! - List streams its infos in batches of [`LIST_BATCH`];
 //! - Commit's `parent` (containerd 2.x, for rebasing an active snapshot on commit) is
 //!   accepted when it names the parent the snapshot already has; any other parent is
 //!   NotImplemented, because berth's snapshotters do not rebase (they do not declare
@@ -21,9 +21,7 @@ use std::sync::Arc;
 
 use berth_core::error::{Error, Result};
 use berth_core::filters::Filter;
-use berth_core::metadata::MetadataKind;
-use berth_core::registry::{Instance, PluginType, Registration};
-use berth_core::serve::{GrpcService, GrpcServiceKind, MessageLimits};
+use berth_core::serve::{GrpcService, MessageLimits};
 use berth_core::snapshot::Snapshotter;
 use berth_proto::containerd::services::snapshots::v1::snapshots_server::{
     Snapshots, SnapshotsServer,
@@ -256,24 +254,4 @@ impl GrpcService for SnapshotsService {
             limits
         ));
     }
-}
-
-/// `io.containerd.grpc.v1.snapshots`: serves the metadata layer's namespaced snapshotters
-/// (one per loaded snapshotter plugin, proxies included), by name.
-pub fn registration() -> Registration {
-    Registration::new(PluginType::GRPC, "snapshots", |ctx| async move {
-        let metadata = ctx.single::<MetadataKind>()?;
-        let snapshotters = metadata
-            .snapshotter_names()
-            .into_iter()
-            .filter_map(|name| {
-                let sn = metadata.snapshotter(&name)?;
-                Some((name, sn))
-            })
-            .collect();
-        Ok(Instance::new::<GrpcServiceKind>(Arc::new(
-            SnapshotsService::new(snapshotters),
-        )))
-    })
-    .requires(&[PluginType::METADATA])
 }

@@ -17,7 +17,7 @@
 
 use std::time::SystemTime;
 
-use crate::call::{remote, with_headers};
+use crate::call::{Remote, with_headers};
 use berth_core::content::{
     ByteStream, CallContext, ContentStore, ContentWriter, Digest, Info, Status, WriterRequest,
 };
@@ -48,6 +48,7 @@ pub const WRITE_CHUNK: usize = MAX_MESSAGE / 2;
 #[derive(Debug, Clone)]
 pub struct ContentClient {
     inner: content_client::ContentClient<Channel>,
+    remote: Remote,
 }
 
 impl ContentClient {
@@ -57,7 +58,14 @@ impl ContentClient {
             inner: content_client::ContentClient::new(channel)
                 .max_decoding_message_size(MAX_MESSAGE)
                 .max_encoding_message_size(MAX_MESSAGE),
+            remote: Remote::default(),
         }
+    }
+
+    /// Names the service in Unavailable errors (e.g. "proxy plugin blobs at /run/b.sock").
+    pub fn described_as(mut self, description: impl Into<String>) -> Self {
+        self.remote = Remote::described(description);
+        self
     }
 
     /// The generated client (cheap to clone: the channel is shared).
@@ -102,7 +110,12 @@ impl ContentStore for ContentClient {
                 digest: digest.to_string(),
             },
         )?;
-        let info = self.client().info(call).await.map_err(remote)?.into_inner();
+        let info = self
+            .client()
+            .info(call)
+            .await
+            .map_err(|s| self.remote.error(s))?
+            .into_inner();
         info_from_wire(info.info.ok_or_else(|| bad_reply("Info without info"))?).map_err(bad_reply)
     }
 
@@ -120,7 +133,7 @@ impl ContentStore for ContentClient {
             .client()
             .update(call)
             .await
-            .map_err(remote)?
+            .map_err(|s| self.remote.error(s))?
             .into_inner();
         info_from_wire(info.info.ok_or_else(|| bad_reply("Update without info"))?)
             .map_err(bad_reply)
@@ -133,9 +146,14 @@ impl ContentStore for ContentClient {
                 filters: filter.sources().to_vec(),
             },
         )?;
-        let mut batches = self.client().list(call).await.map_err(remote)?.into_inner();
+        let mut batches = self
+            .client()
+            .list(call)
+            .await
+            .map_err(|s| self.remote.error(s))?
+            .into_inner();
         let mut infos = Vec::new();
-        while let Some(batch) = batches.message().await.map_err(remote)? {
+        while let Some(batch) = batches.message().await.map_err(|s| self.remote.error(s))? {
             for info in batch.info {
                 let info = info_from_wire(info).map_err(bad_reply)?;
                 if filter.matches(&|path: &[String]| info_field(&info, path)) {
@@ -153,7 +171,10 @@ impl ContentStore for ContentClient {
                 digest: digest.to_string(),
             },
         )?;
-        self.client().delete(call).await.map_err(remote)?;
+        self.client()
+            .delete(call)
+            .await
+            .map_err(|s| self.remote.error(s))?;
         Ok(())
     }
 
@@ -186,12 +207,18 @@ impl ContentStore for ContentClient {
                 size: checked_offset(size.unwrap_or(0), "size")?,
             },
         )?;
-        let chunks = self.client().read(call).await.map_err(remote)?.into_inner();
+        let chunks = self
+            .client()
+            .read(call)
+            .await
+            .map_err(|s| self.remote.error(s))?
+            .into_inner();
         // Response offsets are ignored, as containerd's client does (its server counts them
         // from the start of the read, the documentation says from the blob).
-        Ok(Box::pin(
-            chunks.map(|chunk| chunk.map(|c| c.data).map_err(remote)),
-        ))
+        let remote = self.remote.clone();
+        Ok(Box::pin(chunks.map(move |chunk| {
+            chunk.map(|c| c.data).map_err(|s| remote.error(s))
+        })))
     }
 
     async fn status(&self, cx: &CallContext, reference: &str) -> Result<Status> {
@@ -205,7 +232,7 @@ impl ContentStore for ContentClient {
             .client()
             .status(call)
             .await
-            .map_err(remote)?
+            .map_err(|s| self.remote.error(s))?
             .into_inner();
         status_from_wire(
             status
@@ -226,7 +253,7 @@ impl ContentStore for ContentClient {
             .client()
             .list_statuses(call)
             .await
-            .map_err(remote)?
+            .map_err(|s| self.remote.error(s))?
             .into_inner();
         let mut matching = Vec::new();
         for status in statuses.statuses {
@@ -245,7 +272,10 @@ impl ContentStore for ContentClient {
                 r#ref: reference.to_owned(),
             },
         )?;
-        self.client().abort(call).await.map_err(remote)?;
+        self.client()
+            .abort(call)
+            .await
+            .map_err(|s| self.remote.error(s))?;
         Ok(())
     }
 
@@ -276,12 +306,13 @@ impl ContentStore for ContentClient {
             .client()
             .write(call)
             .await
-            .map_err(remote)?
+            .map_err(|s| self.remote.error(s))?
             .into_inner();
         let now = SystemTime::now();
         let mut writer = RemoteWriter {
             requests: Some(requests),
             replies,
+            remote: self.remote.clone(),
             status: Status {
                 reference: request.reference,
                 offset: 0,
@@ -303,6 +334,7 @@ struct RemoteWriter {
     /// `None` once the sending side is closed.
     requests: Option<mpsc::Sender<WriteContentRequest>>,
     replies: tonic::Streaming<WriteContentResponse>,
+    remote: Remote,
     status: Status,
     digest: Digest,
 }
@@ -315,7 +347,7 @@ impl RemoteWriter {
                 ErrorKind::Unknown,
                 "content service ended the write stream before replying",
             )),
-            Err(status) => Err(remote(status)),
+            Err(status) => Err(self.remote.error(status)),
         }
     }
 

@@ -9,7 +9,7 @@
 //! `list` sends the filter's source strings and applies the parsed filter again to what comes
 //! back, so a remote that ignores filters still gives the right answer.
 
-use crate::call::{remote, with_headers};
+use crate::call::{Remote, with_headers};
 use berth_core::content::CallContext;
 use berth_core::error::{Error, Result};
 use berth_core::filters::Filter;
@@ -33,6 +33,7 @@ const MAX_MESSAGE: usize = 16 << 20;
 pub struct SnapshotsClient {
     inner: snapshots_client::SnapshotsClient<Channel>,
     name: String,
+    remote: Remote,
 }
 
 impl SnapshotsClient {
@@ -43,7 +44,14 @@ impl SnapshotsClient {
                 .max_decoding_message_size(MAX_MESSAGE)
                 .max_encoding_message_size(MAX_MESSAGE),
             name: name.into(),
+            remote: Remote::default(),
         }
+    }
+
+    /// Names the service in Unavailable errors (e.g. "proxy plugin stargz at /run/s.sock").
+    pub fn described_as(mut self, description: impl Into<String>) -> Self {
+        self.remote = Remote::described(description);
+        self
     }
 
     /// The snapshotter name every request carries.
@@ -82,7 +90,12 @@ impl Snapshotter for SnapshotsClient {
                 key: key.to_owned(),
             },
         )?;
-        let reply = self.client().stat(call).await.map_err(remote)?.into_inner();
+        let reply = self
+            .client()
+            .stat(call)
+            .await
+            .map_err(|s| self.remote.error(s))?
+            .into_inner();
         reply_info(reply.info)
     }
 
@@ -106,7 +119,7 @@ impl Snapshotter for SnapshotsClient {
             .client()
             .update(call)
             .await
-            .map_err(remote)?
+            .map_err(|s| self.remote.error(s))?
             .into_inner();
         reply_info(reply.info)
     }
@@ -123,7 +136,7 @@ impl Snapshotter for SnapshotsClient {
             .client()
             .usage(call)
             .await
-            .map_err(remote)?
+            .map_err(|s| self.remote.error(s))?
             .into_inner();
         Ok(Usage {
             size: reply.size,
@@ -143,7 +156,7 @@ impl Snapshotter for SnapshotsClient {
             .client()
             .mounts(call)
             .await
-            .map_err(remote)?
+            .map_err(|s| self.remote.error(s))?
             .into_inner();
         Ok(mounts(reply.mounts))
     }
@@ -168,7 +181,7 @@ impl Snapshotter for SnapshotsClient {
             .client()
             .prepare(call)
             .await
-            .map_err(remote)?
+            .map_err(|s| self.remote.error(s))?
             .into_inner();
         Ok(mounts(reply.mounts))
     }
@@ -189,7 +202,12 @@ impl Snapshotter for SnapshotsClient {
                 labels: labels.into_iter().collect(),
             },
         )?;
-        let reply = self.client().view(call).await.map_err(remote)?.into_inner();
+        let reply = self
+            .client()
+            .view(call)
+            .await
+            .map_err(|s| self.remote.error(s))?
+            .into_inner();
         Ok(mounts(reply.mounts))
     }
 
@@ -204,7 +222,10 @@ impl Snapshotter for SnapshotsClient {
                 parent: String::new(),
             },
         )?;
-        self.client().commit(call).await.map_err(remote)?;
+        self.client()
+            .commit(call)
+            .await
+            .map_err(|s| self.remote.error(s))?;
         Ok(())
     }
 
@@ -216,7 +237,10 @@ impl Snapshotter for SnapshotsClient {
                 key: key.to_owned(),
             },
         )?;
-        self.client().remove(call).await.map_err(remote)?;
+        self.client()
+            .remove(call)
+            .await
+            .map_err(|s| self.remote.error(s))?;
         Ok(())
     }
 
@@ -228,9 +252,14 @@ impl Snapshotter for SnapshotsClient {
                 filters: filter.sources().to_vec(),
             },
         )?;
-        let mut batches = self.client().list(call).await.map_err(remote)?.into_inner();
+        let mut batches = self
+            .client()
+            .list(call)
+            .await
+            .map_err(|s| self.remote.error(s))?
+            .into_inner();
         let mut infos = Vec::new();
-        while let Some(batch) = batches.message().await.map_err(remote)? {
+        while let Some(batch) = batches.message().await.map_err(|s| self.remote.error(s))? {
             for info in batch.info {
                 let info = info_from_wire(info).map_err(|e| bad_reply(e.message()))?;
                 if filter.matches(&|path: &[String]| info_field(&info, path)) {
@@ -248,7 +277,10 @@ impl Snapshotter for SnapshotsClient {
                 snapshotter: self.name.clone(),
             },
         )?;
-        self.client().cleanup(call).await.map_err(remote)?;
+        self.client()
+            .cleanup(call)
+            .await
+            .map_err(|s| self.remote.error(s))?;
         Ok(())
     }
 }
