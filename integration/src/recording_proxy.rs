@@ -77,6 +77,10 @@ pub struct Exchange {
     pub started: Instant,
     /// When the exchange ended (response forwarded, cut, or failed).
     pub ended: Option<Instant>,
+    /// When the proxy began its last write of body bytes to the client. A request the client
+    /// makes only after reading this response whole starts after it, so spans ending here
+    /// measure the client's concurrency without the race of `ended` (taken after the write).
+    pub last_write: Option<Instant>,
     /// Whether the proxy cut it ([`ProxySettings::cut`]).
     pub cut: bool,
 }
@@ -345,6 +349,7 @@ fn serve(shared: &Shared, mut client: TcpStream) {
             body_bytes: 0,
             started: Instant::now(),
             ended: None,
+            last_write: None,
             cut: false,
         });
         log.len() - 1
@@ -481,6 +486,7 @@ fn forward(
                 return Ok(());
             }
         }
+        set(&mut |e| e.last_write = Some(Instant::now()));
         client.write_all(&pending[..take])?;
         pending.drain(..take);
         forwarded += take as u64;
