@@ -268,43 +268,9 @@ impl TransferService {
         let store: ImageStore = decode(destination, "destination")?;
         let reference = registry::Reference::parse(&source.reference)
             .map_err(|e| Error::invalid_argument(e.to_string()))?;
-        let resolver = source.resolver.unwrap_or_default();
-        let config_path = if resolver.host_dir.is_empty() {
-            self.transfer.config().config_path.clone()
-        } else {
-            resolver.host_dir.clone()
-        };
-        let mut credentials = std::collections::BTreeMap::new();
-        if !resolver.auth_stream.is_empty() {
-            let stream = self.streams.take(ns, &resolver.auth_stream)?;
-            if let Some(creds) = ask_credentials(stream, &reference).await? {
-                credentials.insert(reference.domain.clone(), creds);
-            }
-        }
-        let debug = HttpDebug::try_from(resolver.http_debug).unwrap_or(HttpDebug::Disabled);
-        let (http_dump, dump_pump) = match debug {
-            HttpDebug::Debug | HttpDebug::Both => {
-                let (sink, pump) = if resolver.logs_stream.is_empty() {
-                    (log_dump(&reference.domain), None)
-                } else {
-                    let (sink, pump) =
-                        dump_to_stream(self.streams.take(ns, &resolver.logs_stream)?);
-                    (sink, Some(pump))
-                };
-                (Some(sink), pump)
-            }
-            HttpDebug::Disabled | HttpDebug::Trace => (None, None),
-        };
-        let client = Arc::new(registry::Client::new(registry::ClientOptions {
-            config_path: Some(config_path)
-                .filter(|p| !p.is_empty())
-                .map(std::path::PathBuf::from),
-            plain_http: resolver.default_scheme == "http",
-            credentials,
-            user_agent: String::new(),
-            http_dump,
-            http_trace: matches!(debug, HttpDebug::Trace | HttpDebug::Both),
-        }));
+        let (client, dump_pump) = self
+            .registry_client(ns, &reference, source.resolver.unwrap_or_default())
+            .await?;
         let (import, unpacks) = import_options(&store);
         let options = PullOptions {
             platforms: if store.platforms.is_empty() {
@@ -319,13 +285,7 @@ impl TransferService {
             .transfer
             .pull(cx, client, &source.reference, &options, &unpacks, progress)
             .await;
-        // The client (and with it the dump sink) is gone now: the pump sends what is queued and
-        // ends the stream, which is how the client knows the dump is complete.
-        if let Some(pump) = dump_pump
-            && tokio::time::timeout(PROGRESS_FLUSH, pump).await.is_err()
-        {
-            tracing::debug!("HTTP dump stream did not drain in time");
-        }
+        drain_dump(dump_pump).await;
         pulled?;
         Ok(())
     }
@@ -350,8 +310,8 @@ impl TransferService {
         }
         let reference = registry::Reference::parse(&target.reference)
             .map_err(|e| Error::invalid_argument(e.to_string()))?;
-        let client = self
-            .push_client(ns, &reference, target.resolver.unwrap_or_default())
+        let (client, dump_pump) = self
+            .registry_client(ns, &reference, target.resolver.unwrap_or_default())
             .await?;
         let options = PushOptions {
             platforms: if store.platforms.is_empty() {
@@ -361,7 +321,8 @@ impl TransferService {
             },
             ..PushOptions::default()
         };
-        self.transfer
+        let pushed = self
+            .transfer
             .push(
                 cx,
                 client,
@@ -370,18 +331,21 @@ impl TransferService {
                 &options,
                 progress,
             )
-            .await?;
+            .await;
+        drain_dump(dump_pump).await;
+        pushed?;
         Ok(())
     }
 
-    /// The registry client of a push: hosts directory, plain HTTP and credentials from the
-    /// resolver, as a pull's.
-    async fn push_client(
+    /// The registry client of a pull or push: hosts directory, plain HTTP, credentials (asked
+    /// over the auth stream) and HTTP dump/trace from the resolver. The dump goes over the
+    /// client's logs stream when it named one (the returned pump), else to the daemon log.
+    async fn registry_client(
         &self,
         ns: &str,
         reference: &registry::Reference,
         resolver: RegistryResolver,
-    ) -> Result<Arc<registry::Client>> {
+    ) -> Result<(Arc<registry::Client>, Option<tokio::task::JoinHandle<()>>)> {
         let config_path = if resolver.host_dir.is_empty() {
             self.transfer.config().config_path.clone()
         } else {
@@ -394,14 +358,30 @@ impl TransferService {
                 credentials.insert(reference.domain.clone(), creds);
             }
         }
-        Ok(Arc::new(registry::Client::new(registry::ClientOptions {
+        let debug = HttpDebug::try_from(resolver.http_debug).unwrap_or(HttpDebug::Disabled);
+        let (http_dump, dump_pump) = match debug {
+            HttpDebug::Debug | HttpDebug::Both => {
+                if resolver.logs_stream.is_empty() {
+                    (Some(log_dump(&reference.domain)), None)
+                } else {
+                    let (sink, pump) =
+                        dump_to_stream(self.streams.take(ns, &resolver.logs_stream)?);
+                    (Some(sink), Some(pump))
+                }
+            }
+            HttpDebug::Disabled | HttpDebug::Trace => (None, None),
+        };
+        let client = Arc::new(registry::Client::new(registry::ClientOptions {
             config_path: Some(config_path)
                 .filter(|p| !p.is_empty())
                 .map(std::path::PathBuf::from),
             plain_http: resolver.default_scheme == "http",
             credentials,
-            ..registry::ClientOptions::default()
-        })))
+            user_agent: String::new(),
+            http_dump,
+            http_trace: matches!(debug, HttpDebug::Trace | HttpDebug::Both),
+        }));
+        Ok((client, dump_pump))
     }
 
     async fn export(
@@ -508,6 +488,17 @@ const AUTH_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// Asks the client for credentials for `reference`'s registry over its auth stream. The
 /// secret is never logged.
+/// Waits (briefly) for an HTTP dump pump to send what is queued: once the registry client and
+/// its dump sink are gone the pump ends the stream, which is how the client knows the dump is
+/// complete.
+async fn drain_dump(pump: Option<tokio::task::JoinHandle<()>>) {
+    if let Some(pump) = pump
+        && tokio::time::timeout(PROGRESS_FLUSH, pump).await.is_err()
+    {
+        tracing::debug!("HTTP dump stream did not drain in time");
+    }
+}
+
 async fn ask_credentials(
     mut stream: Stream,
     reference: &registry::Reference,

@@ -12,6 +12,7 @@ use std::fmt;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
+use crate::oci::Descriptor;
 
 /// A platform as OCI descriptors and configs carry it. Field order and names are Go's
 /// `ocispec.Platform`, so serialising one gives the bytes containerd writes.
@@ -291,6 +292,30 @@ pub enum PlatformSelection {
 }
 
 impl PlatformSelection {
+    /// The manifests of an index this selection keeps: all of them, or per wanted platform
+    /// the best match (each at most once), as pull and push both walk an index.
+    pub fn select_manifests(&self, manifests: &[Descriptor]) -> Vec<Descriptor> {
+        let PlatformSelection::Only(wanted) = self else {
+            return manifests.to_vec();
+        };
+        let mut kept: Vec<Descriptor> = Vec::new();
+        for want in wanted {
+            let one = PlatformSelection::Only(vec![want.clone()]);
+            let best = manifests
+                .iter()
+                .filter(|m| m.platform.is_some())
+                .filter_map(|m| one.rank(m.platform.as_ref()).map(|r| (r, m)))
+                .min_by_key(|(r, _)| *r)
+                .map(|(_, m)| m.clone());
+            if let Some(best) = best
+                && !kept.iter().any(|k| k.digest == best.digest)
+            {
+                kept.push(best);
+            }
+        }
+        kept
+    }
+
     /// Only the host's platform (the default of `ctr images import` without
     /// `--all-platforms`).
     pub fn host() -> Self {

@@ -228,7 +228,7 @@ async fn fetch_documents(
                 media::children_gc_labels(&index.manifests),
             )
             .await?;
-            let kept = select(&index.manifests, &options.platforms);
+            let kept = options.platforms.select_manifests(&index.manifests);
             if top && kept.is_empty() {
                 return Err(Error::NoMatchingPlatform(options.platforms.to_string()));
             }
@@ -260,29 +260,6 @@ async fn fetch_documents(
         return Err(Error::NoMatchingPlatform(options.platforms.to_string()));
     }
     Ok(manifests)
-}
-
-/// The manifests of an index to pull: all of them, or per wanted platform the best match.
-fn select(manifests: &[Descriptor], platforms: &PlatformSelection) -> Vec<Descriptor> {
-    let PlatformSelection::Only(wanted) = platforms else {
-        return manifests.to_vec();
-    };
-    let mut kept: Vec<Descriptor> = Vec::new();
-    for want in wanted {
-        let one = PlatformSelection::Only(vec![want.clone()]);
-        let best = manifests
-            .iter()
-            .filter(|m| m.platform.is_some())
-            .filter_map(|m| one.rank(m.platform.as_ref()).map(|r| (r, m)))
-            .min_by_key(|(r, _)| *r)
-            .map(|(_, m)| m.clone());
-        if let Some(best) = best
-            && !kept.iter().any(|k| k.digest == best.digest)
-        {
-            kept.push(best);
-        }
-    }
-    kept
 }
 
 /// Fetches an index or manifest whole and stores it (or reads the stored copy).

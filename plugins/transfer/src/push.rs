@@ -239,7 +239,7 @@ async fn plan(
         && let PlatformSelection::Only(_) = &options.platforms
     {
         let index = oci::parse_index(&root.bytes, &root.desc.digest)?;
-        let kept = select(&index.manifests, &options.platforms);
+        let kept = options.platforms.select_manifests(&index.manifests);
         if kept.is_empty() {
             return Err(Error::NoMatchingPlatform(options.platforms.to_string()));
         }
@@ -363,29 +363,6 @@ fn document_kind(media_type: &str) -> &'static str {
     } else {
         "manifest"
     }
-}
-
-/// The manifests of an index a platform list keeps: per wanted platform the best match.
-fn select(manifests: &[Descriptor], platforms: &PlatformSelection) -> Vec<Descriptor> {
-    let PlatformSelection::Only(wanted) = platforms else {
-        return manifests.to_vec();
-    };
-    let mut kept: Vec<Descriptor> = Vec::new();
-    for want in wanted {
-        let one = PlatformSelection::Only(vec![want.clone()]);
-        let best = manifests
-            .iter()
-            .filter(|m| m.platform.is_some())
-            .filter_map(|m| one.rank(m.platform.as_ref()).map(|r| (r, m)))
-            .min_by_key(|(r, _)| *r)
-            .map(|(_, m)| m.clone());
-        if let Some(best) = best
-            && !kept.iter().any(|k| k.digest == best.digest)
-        {
-            kept.push(best);
-        }
-    }
-    kept
 }
 
 /// Pushes a manifest or index unless the registry has it where it would go; `true` when
@@ -619,13 +596,13 @@ mod tests {
             manifest("linux/arm64", 2),
             manifest("linux/arm/v7", 3),
         ];
-        assert_eq!(select(&all, &PlatformSelection::All).len(), 3);
+        assert_eq!(PlatformSelection::All.select_manifests(&all).len(), 3);
         let arm64 = PlatformSelection::Only(vec![Platform::parse("linux/arm64").expect("p")]);
-        let kept = select(&all, &arm64);
+        let kept = arm64.select_manifests(&all);
         assert_eq!(kept.len(), 1);
         assert_eq!(kept[0].digest, all[1].digest);
         let none = PlatformSelection::Only(vec![Platform::parse("windows/amd64").expect("p")]);
-        assert!(select(&all, &none).is_empty());
+        assert!(none.select_manifests(&all).is_empty());
     }
 
     #[test]

@@ -133,23 +133,6 @@ pub async fn run_cases<F: ContentStoreFactory>(
     run_suite("content", names, |name| run_case(&factory, caps, name)).await
 }
 
-macro_rules! ensure {
-    ($cond:expr, $($arg:tt)+) => {
-        if !$cond {
-            return Err(format!($($arg)+));
-        }
-    };
-}
-
-macro_rules! ensure_eq {
-    ($got:expr, $want:expr, $($arg:tt)+) => {{
-        let (got, want) = (&$got, &$want);
-        if got != want {
-            return Err(format!("{}: got {:?}, expected {:?}", format!($($arg)+), got, want));
-        }
-    }};
-}
-
 /// How long one case may take before it counts as hung.
 const CASE_TIMEOUT: Duration = Duration::from_secs(120);
 

@@ -63,7 +63,7 @@ use berth_core::testing::MemoryContentStore;
 use berth_core::{ErrorKind, Result};
 
 use super::snapshotter::tree::{self, Op, Tree, dir, file, remove};
-use super::{Outcome, Report, SuiteFailure, run_guarded, run_suite};
+use super::{Outcome, Report, Stop, SuiteFailure, run_guarded, run_suite};
 
 /// The OCI media type of an uncompressed layer: what an apply returns.
 pub const MEDIA_TYPE_LAYER: &str = "application/vnd.oci.image.layer.v1.tar";
@@ -130,39 +130,8 @@ pub async fn run_cases<F: DifferFactory>(
     run_suite("differ", names, |name| run_case(&factory, caps, name)).await
 }
 
-macro_rules! ensure {
-    ($cond:expr, $($arg:tt)+) => {
-        if !$cond {
-            return Err(Stop::Fail(format!($($arg)+)));
-        }
-    };
-}
-
-macro_rules! ensure_eq {
-    ($got:expr, $want:expr, $($arg:tt)+) => {{
-        let (got, want) = (&$got, &$want);
-        if got != want {
-            return Err(Stop::Fail(format!(
-                "{}: got {:?}, expected {:?}", format!($($arg)+), got, want
-            )));
-        }
-    }};
-}
-
 /// How long one case may take before it counts as hung.
 const CASE_TIMEOUT: Duration = Duration::from_secs(120);
-
-/// Why a case stopped early.
-enum Stop {
-    Fail(String),
-    Skip(String),
-}
-
-impl From<String> for Stop {
-    fn from(message: String) -> Self {
-        Stop::Fail(message)
-    }
-}
 
 type CaseResult = std::result::Result<(), Stop>;
 type CaseFuture = Pin<Box<dyn Future<Output = CaseResult> + Send>>;

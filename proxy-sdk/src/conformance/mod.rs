@@ -10,9 +10,44 @@ use std::fmt;
 use std::future::Future;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+/// Fails the case with the formatted message unless `cond` holds (the case's error type is a
+/// `String` or a [`Stop`]).
+macro_rules! ensure {
+    ($cond:expr, $($arg:tt)+) => {
+        if !$cond {
+            return Err(format!($($arg)+).into());
+        }
+    };
+}
+
+/// Fails the case unless `got == want`, naming both.
+macro_rules! ensure_eq {
+    ($got:expr, $want:expr, $($arg:tt)+) => {{
+        let (got, want) = (&$got, &$want);
+        if got != want {
+            return Err(format!(
+                "{}: got {:?}, expected {:?}", format!($($arg)+), got, want
+            )
+            .into());
+        }
+    }};
+}
+
 pub mod content;
 pub mod differ;
 pub mod snapshotter;
+
+/// Why a case of the snapshotter or differ suite stopped early.
+enum Stop {
+    Fail(String),
+    Skip(String),
+}
+
+impl From<String> for Stop {
+    fn from(message: String) -> Self {
+        Stop::Fail(message)
+    }
+}
 
 /// What a suite run did.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]

@@ -60,7 +60,7 @@ use berth_core::labels::Labels;
 use berth_core::snapshot::{Mount, SnapshotInfo, SnapshotKind, Snapshotter, Usage};
 use berth_core::{Error, ErrorKind, Result};
 
-use super::{Outcome, Report, SuiteFailure, Window, run_guarded, run_suite};
+use super::{Outcome, Report, Stop, SuiteFailure, Window, run_guarded, run_suite};
 use mount::MountError;
 use tree::{Op, Tree, chown, dir, file, remove};
 
@@ -169,40 +169,9 @@ pub const MOUNTING_CASES: &[&str] = &[
     "many_layers",
 ];
 
-macro_rules! ensure {
-    ($cond:expr, $($arg:tt)+) => {
-        if !$cond {
-            return Err(Stop::Fail(format!($($arg)+)));
-        }
-    };
-}
-
-macro_rules! ensure_eq {
-    ($got:expr, $want:expr, $($arg:tt)+) => {{
-        let (got, want) = (&$got, &$want);
-        if got != want {
-            return Err(Stop::Fail(format!(
-                "{}: got {:?}, expected {:?}", format!($($arg)+), got, want
-            )));
-        }
-    }};
-}
-
 /// How long one case may take before it counts as hung (the many-layer case mounts 130
 /// times; a copying snapshotter copies a growing tree each time).
 const CASE_TIMEOUT: Duration = Duration::from_secs(300);
-
-/// Why a case stopped early.
-enum Stop {
-    Fail(String),
-    Skip(String),
-}
-
-impl From<String> for Stop {
-    fn from(message: String) -> Self {
-        Stop::Fail(message)
-    }
-}
 
 impl From<MountError> for Stop {
     fn from(e: MountError) -> Self {
