@@ -130,6 +130,31 @@ pub fn berth_binary() -> Result<PathBuf> {
     workspace_binary("berth", "BERTH", "berth-cli", Profile::Debug)
 }
 
+/// `berth --address <d's socket> --namespace <ns> <args>`, with the CLI's environment defaults
+/// removed so the test alone decides.
+pub fn berth_cli_command(d: &Daemon, ns: &str, args: &[&str]) -> Command {
+    let mut cmd = Command::new(berth_binary().expect("the berth binary"));
+    cmd.arg("--address")
+        .arg(d.socket())
+        .arg("--namespace")
+        .arg(ns)
+        .args(args)
+        .env_remove("BERTH_ADDRESS")
+        .env_remove("BERTH_NAMESPACE")
+        .env_remove("BERTH_SNAPSHOTTER");
+    cmd
+}
+
+/// Runs [`berth_cli_command`] to completion (three minutes at most: pushes and pulls of the
+/// multi-layer image).
+pub fn berth_cli(d: &Daemon, ns: &str, args: &[&str]) -> CmdOutput {
+    run_command(
+        &mut berth_cli_command(d, ns, args),
+        Duration::from_secs(180),
+    )
+    .expect("running berth")
+}
+
 /// Locates the example proxy snapshotter (`examples/snapshotter`):
 /// `$BERTH_EXAMPLE_SNAPSHOTTER`, else `<target>/debug/berth-example-snapshotter`.
 pub fn example_snapshotter_binary() -> Result<PathBuf> {

@@ -6,12 +6,12 @@
 //! containerd 1.6 does not have (it came with 1.7). `ctr` 1.6 checks the results (images,
 //! snapshots, content) on berthd.
 
-use std::time::Duration;
+use berth_integration::berth_cli as berth;
 
 use berth_integration::images::{self, LayerCompression, TestImage};
 use berth_integration::registry::{Registry, RegistryOptions};
 use berth_integration::token_server::TokenServerOptions;
-use berth_integration::{CmdOutput, Daemon, Kind, berth_binary, run_command};
+use berth_integration::{Daemon, Kind};
 
 const REPO_TAG: &str = "library/busybox:pull";
 
@@ -28,19 +28,6 @@ fn registry(opts: RegistryOptions, image: &TestImage) -> Registry {
     reg.push_tagged(&image.layout, "test", REPO_TAG)
         .expect("pushing busybox");
     reg
-}
-
-fn berth(d: &Daemon, ns: &str, args: &[&str]) -> CmdOutput {
-    let mut cmd = std::process::Command::new(berth_binary().expect("the berth binary"));
-    cmd.arg("--address")
-        .arg(d.socket())
-        .arg("--namespace")
-        .arg(ns)
-        .args(args)
-        .env_remove("BERTH_ADDRESS")
-        .env_remove("BERTH_NAMESPACE")
-        .env_remove("BERTH_SNAPSHOTTER");
-    run_command(&mut cmd, Duration::from_secs(120)).expect("running berth")
 }
 
 /// Pulls and checks the `NAME<TAB>DIGEST` line, the image record and the top snapshot.

@@ -8,13 +8,14 @@
 //! The `berth push` tests are not calibrated: `berth push` drives containerd's transfer
 //! service, which Debian's containerd 1.6 does not have (it came with 1.7).
 
+use berth_integration::berth_cli as berth;
 use std::time::Duration;
 
 use berth_integration::archive::host_arch;
 use berth_integration::images::{self, LayerCompression, TestImage};
 use berth_integration::registry::{Registry, RegistryOptions};
 use berth_integration::token_server::TokenServerOptions;
-use berth_integration::{CmdOutput, Daemon, Kind, berth_binary, calibrated, run_command};
+use berth_integration::{Daemon, Kind, calibrated, run_command};
 
 const BUSYBOX: &str = "docker.io/library/berth-busybox:test";
 const MULTILAYER: &str = "docker.io/library/berth-multilayer:push";
@@ -29,19 +30,6 @@ fn busybox() -> TestImage {
 fn multilayer() -> TestImage {
     images::multilayer(MULTILAYER, MULTILAYER_MB, LayerCompression::Gzip)
         .expect("building the multi-layer test image")
-}
-
-fn berth(d: &Daemon, ns: &str, args: &[&str]) -> CmdOutput {
-    let mut cmd = std::process::Command::new(berth_binary().expect("the berth binary"));
-    cmd.arg("--address")
-        .arg(d.socket())
-        .arg("--namespace")
-        .arg(ns)
-        .args(args)
-        .env_remove("BERTH_ADDRESS")
-        .env_remove("BERTH_NAMESPACE")
-        .env_remove("BERTH_SNAPSHOTTER");
-    run_command(&mut cmd, Duration::from_secs(180)).expect("running berth")
 }
 
 /// Imports the image's OCI archive into `ns` without unpacking.

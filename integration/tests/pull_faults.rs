@@ -6,10 +6,11 @@
 //! Not calibrated: `berth pull` drives the transfer service, which Debian's containerd 1.6
 //! lacks; `ctr` checks the results on berthd.
 
+use berth_integration::{berth_cli as berth, berth_cli_command as berth_command};
 use std::io::{BufRead, BufReader, Write};
 use std::net::TcpListener;
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
@@ -18,7 +19,7 @@ use berth_integration::api;
 use berth_integration::archive::{self, Compression, Entry, OciArchive};
 use berth_integration::recording_proxy::{ProxySettings, RecordingProxy};
 use berth_integration::registry::{Registry, RegistryOptions};
-use berth_integration::{CmdOutput, Daemon, Kind, berth_binary, block_on, run_command};
+use berth_integration::{Daemon, Kind, block_on};
 
 const MIB: u64 = 1 << 20;
 /// containerd's bound on manifests and indexes, berth's too.
@@ -36,23 +37,6 @@ fn noise(len: usize, seed: u64) -> Vec<u8> {
     }
     out.truncate(len);
     out
-}
-
-fn berth_command(d: &Daemon, ns: &str, args: &[&str]) -> Command {
-    let mut cmd = Command::new(berth_binary().expect("the berth binary"));
-    cmd.arg("--address")
-        .arg(d.socket())
-        .arg("--namespace")
-        .arg(ns)
-        .args(args)
-        .env_remove("BERTH_ADDRESS")
-        .env_remove("BERTH_NAMESPACE")
-        .env_remove("BERTH_SNAPSHOTTER");
-    cmd
-}
-
-fn berth(d: &Daemon, ns: &str, args: &[&str]) -> CmdOutput {
-    run_command(&mut berth_command(d, ns, args), Duration::from_secs(120)).expect("running berth")
 }
 
 fn active_offsets(d: &Daemon, ns: &str) -> std::collections::HashMap<String, i64> {

@@ -12,13 +12,13 @@
 //! Not calibrated: `berth pull` drives the transfer service, which Debian's containerd 1.6
 //! lacks (and 1.6 has no `concurrent_layer_fetch_buffer`: it came with 2.1).
 
+use berth_integration::berth_cli as berth;
 use std::path::Path;
-use std::time::Duration;
 
 use berth_integration::archive::{self, Compression, Entry, OciArchive};
 use berth_integration::recording_proxy::{Exchange, ProxySettings, RecordingProxy};
 use berth_integration::registry::{Registry, RegistryOptions};
-use berth_integration::{CmdOutput, Daemon, Kind, Options, berth_binary, run_command};
+use berth_integration::{Daemon, Kind, Options};
 
 const REPO_TAG: &str = "library/big:multipart";
 const MIB: u64 = 1 << 20;
@@ -76,19 +76,6 @@ fn push_image(reg: &Registry, dir: &Path) -> Built {
         layer_size,
         top_chain_id: built.top_chain_id().to_string(),
     }
-}
-
-fn berth(d: &Daemon, ns: &str, args: &[&str]) -> CmdOutput {
-    let mut cmd = std::process::Command::new(berth_binary().expect("the berth binary"));
-    cmd.arg("--address")
-        .arg(d.socket())
-        .arg("--namespace")
-        .arg(ns)
-        .args(args)
-        .env_remove("BERTH_ADDRESS")
-        .env_remove("BERTH_NAMESPACE")
-        .env_remove("BERTH_SNAPSHOTTER");
-    run_command(&mut cmd, Duration::from_secs(120)).expect("running berth")
 }
 
 /// Pulls through `proxy` and checks the image and the layer's blob and snapshot.
