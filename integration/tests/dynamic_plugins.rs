@@ -29,7 +29,6 @@ struct Libraries {
     foreign: PathBuf,
     /// C libraries: (no entry point, no berth symbol at all), if a C compiler is installed.
     c: Option<(PathBuf, PathBuf)>,
-    _dir: tempfile::TempDir,
 }
 
 /// Builds the example with cargo (`features` may be empty) and returns the `.so` it produced.
@@ -85,12 +84,13 @@ fn cc_shared(dir: &Path, name: &str, source: &str) -> Option<PathBuf> {
 fn libraries() -> &'static Libraries {
     static LIBS: OnceLock<Libraries> = OnceLock::new();
     LIBS.get_or_init(|| {
-        let dir = tempfile::Builder::new()
-            .prefix("berth-it-dynlibs")
-            .tempdir_in("/tmp")
-            .expect("tempdir");
+        // A fixed directory in cargo's scratch space, replaced on each run: the statics of a
+        // test binary are never dropped, so a temporary directory would outlive every run.
+        let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("berth-dynlibs");
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("create the library directory");
         let keep = |built: PathBuf, sub: &str| {
-            let dest = dir.path().join(sub);
+            let dest = dir.join(sub);
             std::fs::create_dir_all(&dest).expect("mkdir");
             let dest = dest.join(built.file_name().expect("file name"));
             // A copy: the next build replaces the file cargo wrote.
@@ -101,19 +101,18 @@ fn libraries() -> &'static Libraries {
         let foreign = keep(cargo_build(&["foreign-abi"]), "foreign");
         let good = keep(cargo_build(&[]), "good");
         let c = cc_shared(
-            dir.path(),
+            &dir,
             "libnoentry.so",
             "const char berth_plugin_abi[] = \"an ABI string, and no entry point\";\n",
         )
         .and_then(|no_entry| {
-            cc_shared(dir.path(), "libplain.so", "int berth_unrelated = 1;\n")
+            cc_shared(&dir, "libplain.so", "int berth_unrelated = 1;\n")
                 .map(|plain| (no_entry, plain))
         });
         Libraries {
             good,
             foreign,
             c,
-            _dir: dir,
         }
     })
 }
