@@ -42,6 +42,10 @@ use tokio_stream::wrappers::ReceiverStream;
 pub const MAX_DATA: usize = 32 << 10;
 /// Credit a receiver grants at a time (containerd's `windowSize`).
 pub const WINDOW: i32 = 64 << 10;
+/// Credit berthd grants at a time when it receives (an archive to import). containerd's
+/// receiver grants [`WINDOW`]; any sender honours what it is granted, and a bigger window
+/// keeps the client sending while berthd writes instead of waiting for a grant every 64 KiB.
+pub const RECEIVE_WINDOW: i32 = 4 << 20;
 
 /// What a client sends on a stream.
 pub type Incoming = Pin<Box<dyn tokio_stream::Stream<Item = Result<Any, tonic::Status>> + Send>>;
@@ -308,11 +312,13 @@ pub fn receive_bytes(mut stream: Stream) -> ByteStream {
     tokio::spawn(async move {
         let mut window: i64 = 0;
         loop {
-            if window < i64::from(WINDOW) {
-                let update = type_url::to_any(&WindowUpdate { update: WINDOW });
+            if window < i64::from(RECEIVE_WINDOW) {
+                let update = type_url::to_any(&WindowUpdate {
+                    update: RECEIVE_WINDOW,
+                });
                 // A failed send means the client is gone; the receive below says how.
                 if stream.send(update).await.is_ok() {
-                    window += i64::from(WINDOW);
+                    window += i64::from(RECEIVE_WINDOW);
                 }
             }
             match stream.recv().await {
@@ -454,5 +460,43 @@ mod tests {
             got += type_url::from_any::<Data>(&any).expect("data").data.len();
         }
         assert_eq!(got, 100);
+    }
+
+    #[tokio::test]
+    async fn the_receiver_grants_a_big_window_first_and_reads_every_byte() {
+        // The client sends two 1 MiB messages right after the first grant, as berth's CLI
+        // does when it is granted megabytes.
+        let (client_tx, client_rx) = mpsc::channel::<Result<Any, tonic::Status>>(4);
+        let (to_client, mut from_service) = mpsc::channel(64);
+        let stream = Stream::new(
+            "r",
+            Box::pin(tokio_stream::wrappers::ReceiverStream::new(client_rx)),
+            to_client,
+        );
+        let mut bytes = receive_bytes(stream);
+        let reader = tokio::spawn(async move {
+            let mut got = Vec::new();
+            while let Some(chunk) = bytes.next().await {
+                got.extend(chunk.expect("data"));
+            }
+            got
+        });
+        let first = from_service.recv().await.expect("a grant").expect("ok");
+        let first: WindowUpdate = type_url::from_any(&first).expect("window update");
+        assert_eq!(first.update, RECEIVE_WINDOW);
+        assert!(first.update >= 2 << 20, "too small for two 1 MiB messages");
+        for fill in [1u8, 2] {
+            let data = Data {
+                data: vec![fill; 1 << 20],
+            };
+            client_tx
+                .send(Ok(type_url::to_any(&data)))
+                .await
+                .expect("send");
+        }
+        drop(client_tx);
+        let got = reader.await.expect("reader");
+        assert_eq!(got.len(), 2 << 20);
+        assert!(got[..1 << 20].iter().all(|b| *b == 1) && got[1 << 20..].iter().all(|b| *b == 2));
     }
 }
