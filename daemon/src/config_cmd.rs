@@ -4,6 +4,7 @@ use std::path::Path;
 use std::process::ExitCode;
 
 use berth_core::config::{self, Config, Loaded};
+use berth_core::registry::Registry;
 
 use crate::builtins;
 
@@ -54,8 +55,27 @@ pub fn migrate(file: Option<&Path>) -> ExitCode {
     }
 }
 
-/// Everything worth saying about a loaded configuration: (warnings, infos).
-pub fn review(loaded: &Loaded) -> anyhow::Result<(Vec<String>, Vec<String>)> {
+/// The registry berthd starts with for `config`: the built-in plugins, the
+/// `[proxy_plugins]` and the plugins of the libraries in `plugin_dir` (loaded: blocking),
+/// with the refusals of libraries. A broken `[proxy_plugins]` section is an error naming it.
+pub fn full_registry(config: &Config) -> anyhow::Result<(Registry, Vec<String>)> {
+    let problems = crate::proxy::check(config);
+    if !problems.is_empty() {
+        anyhow::bail!("{}", problems.join("; "));
+    }
+    let mut registry = builtins::registry()?;
+    crate::proxy::register(&mut registry, config)?;
+    let refusals = match &config.plugin_dir {
+        Some(dir) => crate::dynamic::register(&mut registry, crate::dynamic::load_dir(dir)),
+        None => Vec::new(),
+    };
+    Ok((registry, refusals))
+}
+
+/// Everything worth saying about a loaded configuration, given the registry berthd starts
+/// with ([`full_registry`]), so sections of proxy and library plugins count as known:
+/// (warnings, infos).
+pub fn review(loaded: &Loaded, registry: &Registry) -> (Vec<String>, Vec<String>) {
     let mut warnings = Vec::new();
     let mut infos = Vec::new();
     for notice in &loaded.notices {
@@ -65,7 +85,6 @@ pub fn review(loaded: &Loaded) -> anyhow::Result<(Vec<String>, Vec<String>)> {
             infos.push(notice.to_string());
         }
     }
-    let registry = builtins::registry()?;
     for notice in registry.check_sections(&loaded.config.plugins) {
         use berth_core::registry::SectionNotice;
         match notice {
@@ -79,14 +98,12 @@ pub fn review(loaded: &Loaded) -> anyhow::Result<(Vec<String>, Vec<String>)> {
         (&loaded.config.required_plugins, "required_plugins"),
     ] {
         for uri in list.iter().filter(|u| !known.contains(u)) {
-            warnings.push(format!("{name} names {uri:?}, which berth does not build"));
+            warnings.push(format!(
+                "{name} names {uri:?}, which is neither built in nor a proxy or library plugin"
+            ));
         }
     }
-    let problems = crate::proxy::check(&loaded.config);
-    if !problems.is_empty() {
-        anyhow::bail!("{}", problems.join("; "));
-    }
-    Ok((warnings, infos))
+    (warnings, infos)
 }
 
 pub fn check(file: Option<&Path>) -> ExitCode {
@@ -94,13 +111,15 @@ pub fn check(file: Option<&Path>) -> ExitCode {
         Ok(loaded) => loaded,
         Err(code) => return code,
     };
-    let (warnings, infos) = match review(&loaded) {
+    let (registry, refusals) = match full_registry(&loaded.config) {
         Ok(r) => r,
         Err(e) => {
             eprintln!("berthd: {e:#}");
             return ExitCode::FAILURE;
         }
     };
+    let (mut warnings, infos) = review(&loaded, &registry);
+    warnings.extend(refusals);
     for info in &infos {
         eprintln!("notice: {info}");
     }

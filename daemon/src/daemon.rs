@@ -7,10 +7,11 @@ use std::time::Instant;
 
 use anyhow::Context;
 use berth_core::config::{self, Config, Loaded};
+use berth_core::registry::Registry;
 use berth_core::serve::{self, GrpcServiceKind, MessageLimits, ServeError, ServeOptions, Shutdown};
 use tokio::signal::unix::{SignalKind, signal};
 
-use crate::{builtins, config_cmd, dynamic, proxy};
+use crate::{config_cmd, dynamic};
 
 /// Command-line settings of a daemon run.
 pub struct Options {
@@ -71,15 +72,21 @@ pub fn run(options: Options) -> ExitCode {
     if let Some(address) = options.address {
         config.grpc.address = address;
     }
-    match config_cmd::review(&loaded) {
-        Ok((warnings, infos)) => {
-            infos.iter().for_each(|i| tracing::info!("{i}"));
-            warnings.iter().for_each(|w| tracing::warn!("{w}"));
-        }
+    // Libraries load before the runtime starts (dlopen blocks), so the review below knows
+    // their plugins' sections.
+    let (registry, refusals) = match config_cmd::full_registry(&config) {
+        Ok(r) => r,
         Err(e) => {
             tracing::error!("{e:#}");
             return ExitCode::FAILURE;
         }
+    };
+    let (warnings, infos) = config_cmd::review(&loaded, &registry);
+    infos.iter().for_each(|i| tracing::info!("{i}"));
+    warnings.iter().for_each(|w| tracing::warn!("{w}"));
+    if let Err(e) = dynamic::check_required(&config, &registry, &refusals) {
+        tracing::error!("{e:#}");
+        return ExitCode::FAILURE;
     }
 
     let runtime = match tokio::runtime::Builder::new_multi_thread()
@@ -93,7 +100,7 @@ pub fn run(options: Options) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(serve_daemon(config, started)) {
+    match runtime.block_on(serve_daemon(config, registry, started)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!("{e:#}");
@@ -110,7 +117,7 @@ fn create_private_dir(path: &Path) -> anyhow::Result<()> {
         .with_context(|| format!("create directory {}", path.display()))
 }
 
-async fn serve_daemon(config: Config, started: Instant) -> anyhow::Result<()> {
+async fn serve_daemon(config: Config, registry: Registry, started: Instant) -> anyhow::Result<()> {
     let address = config.grpc.address.clone();
     // Refuse early, before opening the metadata store another daemon may hold.
     if serve::probe(&address).await? == serve::SocketState::Live {
@@ -122,16 +129,6 @@ async fn serve_daemon(config: Config, started: Instant) -> anyhow::Result<()> {
     let shutdown = Shutdown::new();
     spawn_signal_handler(shutdown.clone())?;
 
-    let mut registry = builtins::registry()?;
-    proxy::register(&mut registry, &config)?;
-    if let Some(dir) = config.plugin_dir.clone() {
-        // dlopen and the directory walk block: off the runtime's worker threads.
-        let loaded = tokio::task::spawn_blocking(move || dynamic::load_dir(&dir))
-            .await
-            .context("load plugin libraries")?;
-        let refusals = dynamic::register(&mut registry, loaded);
-        dynamic::check_required(&config, &registry, &refusals)?;
-    }
     let plugins = registry.init(&config).await.context("plugin init")?;
 
     let limits = MessageLimits {

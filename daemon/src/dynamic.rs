@@ -279,6 +279,9 @@ fn wrap(registration: DynRegistration, library: &Path) -> Registration {
             ))),
         }
     })
+    // The library decodes its own section (and says what it does not know): berthd only
+    // hands the table over, so any key in it counts as known here.
+    .with_config::<toml::Table>()
 }
 
 /// A library snapshotter whose `list` filters on berthd's side: a filter holds compiled
