@@ -13,9 +13,10 @@
 //!   and again after the proxy went away, so a restarted proxy is reached again without
 //!   restarting berthd; while it is down, calls fail at once with Unavailable naming the
 //!   proxy and its address.
-//! - At start the socket is tried once: a proxy that does not answer is reported by
-//!   introspection as failed (with the reason) and berthd goes on, unless the plugin is in
-//!   `required_plugins`.
+//! - At start the socket is tried once: a proxy that does not answer yet is logged as a
+//!   warning and loaded all the same, as containerd loads it (its dial does not block), so a
+//!   proxy started after berthd is used as soon as it is up; until then its calls fail with
+//!   Unavailable naming it.
 //! - Calls carry the caller's namespace and lease as the `containerd-namespace` and
 //!   `containerd-lease` headers (containerd sends the namespace; berth sends the lease too,
 //!   which proxies built for containerd ignore).
@@ -30,8 +31,7 @@ use std::time::Duration;
 use berth_core::config::{Config, ProxyPlugin};
 use berth_core::content::ContentKind;
 use berth_core::diff::DifferKind;
-use berth_core::error::{Error, ErrorKind};
-use berth_core::registry::{InitError, Instance, PluginType, Registration, Registry};
+use berth_core::registry::{Instance, PluginType, Registration, Registry};
 use berth_core::snapshot::SnapshotterKind;
 use berth_proxy_sdk::content::ContentClient;
 use berth_proxy_sdk::diff::DiffClient;
@@ -152,10 +152,19 @@ fn registration(
                     .insert("address".to_owned(), address.display().to_string());
                 meta.capabilities = proxy.capabilities.clone();
             });
-            probe(&name, &address).await?;
+            match probe(&address).await {
+                Ok(()) => {
+                    tracing::info!(plugin = %name, address = %address.display(), "proxy plugin connected");
+                }
+                Err(why) => tracing::warn!(
+                    plugin = %name,
+                    address = %address.display(),
+                    "proxy plugin {name} is not reachable yet ({why}): its calls fail with \
+                     Unavailable until the proxy is up, then it is used without a restart"
+                ),
+            }
             let channel = channels.get(&address);
             let described = format!("proxy plugin {name} at {}", address.display());
-            tracing::info!(plugin = %name, address = %address.display(), "proxy plugin connected");
             Ok(match kind {
                 ProxyKind::Snapshot => Instance::new::<SnapshotterKind>(Arc::new(
                     SnapshotsClient::new(channel, name).described_as(described),
@@ -171,25 +180,16 @@ fn registration(
     ))
 }
 
-/// Fails the plugin's init when nothing accepts on `address`, so introspection says so.
-async fn probe(name: &str, address: &Path) -> Result<(), InitError> {
-    let unreachable = |why: String| {
-        InitError::Failed(Error::new(
-            ErrorKind::Unavailable,
-            format!(
-                "proxy plugin {name} at {} is not reachable ({why}): start the proxy, then \
-                 restart berthd",
-                address.display()
-            ),
-        ))
-    };
+/// Whether something accepts on `address` now (for the start-up log line only: the channel
+/// connects on first use whatever this says).
+async fn probe(address: &Path) -> Result<(), String> {
     match tokio::time::timeout(PROBE_TIMEOUT, tokio::net::UnixStream::connect(address)).await {
         Ok(Ok(_)) => Ok(()),
-        Ok(Err(e)) => Err(unreachable(e.to_string())),
-        Err(_) => Err(unreachable(format!(
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(_) => Err(format!(
             "no connection accepted within {}s",
             PROBE_TIMEOUT.as_secs()
-        ))),
+        )),
     }
 }
 
