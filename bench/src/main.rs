@@ -19,6 +19,7 @@ use clap::Parser;
 mod content;
 mod images;
 mod pull;
+mod results;
 
 /// Benchmarks berthd against Debian's containerd and writes bench/REPORT.md.
 #[derive(Debug, Parser)]
@@ -39,7 +40,8 @@ struct Args {
     /// Seconds a freshly started daemon idles before its RSS is read.
     #[arg(long, default_value_t = 2.0)]
     idle_secs: f64,
-    /// Where to write the report.
+    /// Where to write the report. The samples go beside it (same name, `.json`): a run of
+    /// some workloads replaces theirs there and the report shows every workload's last run.
     #[arg(long, default_value_os_t = default_report())]
     output: PathBuf,
     /// Run only the workloads with these names (default: all).
@@ -202,6 +204,14 @@ impl Samples {
     fn max(&self) -> f64 {
         self.sorted().last().copied().unwrap_or(f64::NAN)
     }
+    /// `median (min–max)`, or `n/a` when nothing was measured.
+    fn summary(&self) -> String {
+        if self.0.is_empty() {
+            "n/a".to_string()
+        } else {
+            format!("{:.2} ({:.2}–{:.2})", self.median(), self.min(), self.max())
+        }
+    }
 }
 
 fn main() {
@@ -247,8 +257,25 @@ fn run(args: &Args) -> Result<()> {
     };
     let versions = daemon_versions();
 
-    // results[metric][kind]
-    let mut results: BTreeMap<&'static str, BTreeMap<Kind, Samples>> = BTreeMap::new();
+    let results_path = args.output.with_extension("json");
+    let mut stored = results::Results::load(&results_path);
+    let command = command_line();
+    let berthd_text = format!(
+        "`{}`, {}",
+        berthd.display(),
+        versions
+            .get(&Kind::Berthd)
+            .map(String::as_str)
+            .unwrap_or("?")
+    );
+    let containerd_text = format!(
+        "`{}`, {}",
+        containerd.display(),
+        versions
+            .get(&Kind::Containerd)
+            .map(String::as_str)
+            .unwrap_or("?")
+    );
     for w in &selected {
         let (warmup, runs) = match (w.runs_cap(), w.heavy()) {
             (Some(cap), true) => (0, cap.min(args.heavy_runs)),
@@ -256,6 +283,8 @@ fn run(args: &Args) -> Result<()> {
             (None, true) => (args.heavy_warmup, args.heavy_runs),
             (None, false) => (args.warmup, args.runs),
         };
+        // samples[metric][daemon]
+        let mut samples: BTreeMap<String, BTreeMap<String, Vec<f64>>> = BTreeMap::new();
         for i in 0..warmup + runs {
             let measured = i >= warmup;
             // Alternate which daemon goes first, so neither always runs on a warmer machine.
@@ -278,25 +307,53 @@ fn run(args: &Args) -> Result<()> {
                 eprintln!("{} {label} {kind}: {}", w.name(), shown.join(", "));
                 if measured {
                     for (metric, v) in values {
-                        results
-                            .entry(metric)
+                        samples
+                            .entry(metric.to_string())
                             .or_default()
-                            .entry(kind)
+                            .entry(kind.name().to_string())
                             .or_default()
-                            .0
                             .push(v);
                     }
                 }
             }
         }
+        stored.workloads.insert(
+            w.name().to_string(),
+            results::WorkloadRun {
+                date: utc_now(),
+                command: command.clone(),
+                berthd: berthd_text.clone(),
+                containerd: containerd_text.clone(),
+                runs,
+                warmup,
+                samples,
+                notes: w.notes(),
+            },
+        );
+        // Saved after each workload: a later failure keeps what was measured.
+        stored.save(&results_path)?;
     }
 
-    let report = render(args, &selected, &results, &berthd, &containerd, &versions);
+    let report = render(&all, &stored);
     print!("{report}");
     std::fs::write(&args.output, &report)
         .with_context(|| format!("writing {}", args.output.display()))?;
-    eprintln!("wrote {}", args.output.display());
+    eprintln!(
+        "wrote {} (samples in {})",
+        args.output.display(),
+        results_path.display()
+    );
     Ok(())
+}
+
+/// How this bench was started, for the report.
+fn command_line() -> String {
+    let env: String = ["BERTHD", "CONTAINERD", "CARGO_TARGET_DIR"]
+        .iter()
+        .filter_map(|k| std::env::var(k).ok().map(|v| format!("{k}={v} ")))
+        .collect();
+    let argv: Vec<String> = std::env::args().collect();
+    format!("{env}{}", argv.join(" "))
 }
 
 /// `(berthd version, containerd version)` from a Version RPC against one short-lived instance
@@ -324,79 +381,60 @@ fn daemon_versions() -> BTreeMap<Kind, String> {
     v
 }
 
-fn render(
-    args: &Args,
-    selected: &[&dyn Workload],
-    results: &BTreeMap<&'static str, BTreeMap<Kind, Samples>>,
-    berthd: &std::path::Path,
-    containerd: &std::path::Path,
-    versions: &BTreeMap<Kind, String>,
-) -> String {
+fn render(all: &[Box<dyn Workload>], stored: &results::Results) -> String {
     let mut s = String::new();
     let _ = writeln!(s, "# berth benchmark report\n");
-    let _ = writeln!(s, "- Date: {}", utc_now());
+    let _ = writeln!(s, "- Rendered: {}", utc_now());
     let _ = writeln!(s, "- Machine: {}", machine());
-    let env: String = ["BERTHD", "CONTAINERD", "CARGO_TARGET_DIR"]
+    let _ = writeln!(
+        s,
+        "- Build first: `cargo build --release -p berthd -p berth-cli -p berth-bench`; each row \
+         comes from the last run of its workload (`./target/release/berth-bench --workload \
+         NAME`), its samples in `REPORT.json`."
+    );
+    let present: Vec<(&dyn Workload, &results::WorkloadRun)> = all
         .iter()
-        .filter_map(|k| std::env::var(k).ok().map(|v| format!("{k}={v} ")))
+        .filter_map(|w| stored.workloads.get(w.name()).map(|r| (w.as_ref(), r)))
         .collect();
-    let argv: Vec<String> = std::env::args().collect();
-    let extra = if argv.len() > 1 {
-        format!(" -- {}", argv[1..].join(" "))
-    } else {
-        String::new()
-    };
-    let _ = writeln!(
-        s,
-        "- Command: `{env}{}` (from the workspace: `cargo build --release -p berthd && {env}cargo run --release -p berth-bench{extra}`)",
-        argv.join(" "),
-    );
-    let _ = writeln!(
-        s,
-        "- berthd: `{}`, {}",
-        berthd.display(),
-        versions
-            .get(&Kind::Berthd)
-            .map(String::as_str)
-            .unwrap_or("?")
-    );
-    let _ = writeln!(
-        s,
-        "- containerd: `{}`, {}",
-        containerd.display(),
-        versions
-            .get(&Kind::Containerd)
-            .map(String::as_str)
-            .unwrap_or("?")
-    );
-    let _ = writeln!(
-        s,
-        "- Runs: {} measured per daemon after {} warm-up ({} after {} for the heavy workloads: {}), alternating the daemons run by run; idle time {} s\n",
-        args.runs,
-        args.warmup,
-        args.heavy_runs,
-        args.heavy_warmup,
-        selected
-            .iter()
-            .filter(|w| w.heavy())
-            .map(|w| w.name())
-            .collect::<Vec<_>>()
-            .join(", "),
-        args.idle_secs
-    );
+    // One line per distinct run (workloads measured by the same command share it).
+    let mut runs: Vec<(&results::WorkloadRun, Vec<&str>)> = Vec::new();
+    for (w, r) in &present {
+        match runs
+            .iter_mut()
+            .find(|(seen, _)| seen.command == r.command && seen.berthd == r.berthd)
+        {
+            Some((_, names)) => names.push(w.name()),
+            None => runs.push((r, vec![w.name()])),
+        }
+    }
+    for (r, names) in &runs {
+        let _ = writeln!(
+            s,
+            "- {}: {} (`{}`), {} measured runs per daemon after {} warm-up, alternating the \
+             daemons run by run; berthd {}; containerd {}",
+            names.join(", "),
+            r.date,
+            r.command,
+            r.runs,
+            r.warmup,
+            r.berthd,
+            r.containerd
+        );
+    }
+    let _ = writeln!(s);
 
     let _ = writeln!(
         s,
         "| workload | metric | berthd median (min–max) | containerd median (min–max) | berthd/containerd | target | met |"
     );
     let _ = writeln!(s, "|---|---|---|---|---|---|---|");
-    for w in selected {
+    for (w, r) in &present {
         for m in w.metrics() {
-            let Some(by_kind) = results.get(m.name) else {
+            let b = Samples(r.samples(m.name, Kind::Berthd.name()));
+            let c = Samples(r.samples(m.name, Kind::Containerd.name()));
+            if b.0.is_empty() && c.0.is_empty() {
                 continue;
-            };
-            let b = by_kind.get(&Kind::Berthd).cloned().unwrap_or_default();
-            let c = by_kind.get(&Kind::Containerd).cloned().unwrap_or_default();
+            }
             let ratio = b.median() / c.median();
             let (target, met) = match m.target_ratio {
                 Some(t) => {
@@ -417,29 +455,29 @@ fn render(
             };
             let _ = writeln!(
                 s,
-                "| {} | {} ({}) | {:.2} ({:.2}–{:.2}) | {:.2} ({:.2}–{:.2}) | {:.2}x | {} | {} |",
+                "| {} | {} ({}) | {} | {} | {} | {} | {} |",
                 w.name(),
                 m.name,
                 m.unit,
-                b.median(),
-                b.min(),
-                b.max(),
-                c.median(),
-                c.min(),
-                c.max(),
-                ratio,
+                b.summary(),
+                c.summary(),
+                if ratio.is_finite() {
+                    format!("{ratio:.2}x")
+                } else {
+                    "n/a".to_string()
+                },
                 target,
                 met
             );
         }
     }
     let _ = writeln!(s, "\n## Methods\n");
-    for w in selected {
+    for (w, _) in &present {
         for m in w.metrics() {
             let _ = writeln!(s, "- **{} / {}**: {}", w.name(), m.name, m.method);
         }
     }
-    let notes: Vec<String> = selected.iter().flat_map(|w| w.notes()).collect();
+    let notes: Vec<&String> = present.iter().flat_map(|(_, r)| &r.notes).collect();
     if !notes.is_empty() {
         let _ = writeln!(s, "\n## Notes\n");
         for n in notes {

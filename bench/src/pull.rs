@@ -255,7 +255,7 @@ fn berthd_knows(key: &str) -> Result<bool> {
 
 /// The `berth` CLI: `$BERTH`, else the release build next to the release berthd, else the
 /// debug build (the client only relays progress; the pull runs in the daemon).
-fn berth_cli() -> Result<PathBuf> {
+pub(crate) fn berth_cli() -> Result<PathBuf> {
     if std::env::var_os("BERTH").is_none()
         && let Some(dir) = berth_integration::berthd_binary(Profile::Release)?.parent()
     {
