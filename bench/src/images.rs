@@ -21,9 +21,9 @@ use berth_integration::{Daemon, Kind, NO_STARTUP_GC, Options, Profile, block_on_
 
 use crate::{Better, Ctx, Metric, Workload};
 
-const NS: &str = "bench";
+pub(crate) const NS: &str = "bench";
 /// The lease the snapshot cycles run under.
-const LEASE: &str = "bench-snapshots";
+pub(crate) const LEASE: &str = "bench-snapshots";
 
 /// A release-build daemon on a private root, without the collection 100 ms after start-up
 /// (it would land inside a measurement).
@@ -43,19 +43,19 @@ fn bench_daemon(kind: Kind) -> Result<Daemon> {
 /// Stops a daemon, removes its directory and flushes the file system, so the next run does not
 /// pay for this one's deletions (this ext4 is slow to create many files right after removing
 /// many while the journal still holds the removals).
-fn retire(d: Daemon) {
+pub(crate) fn retire(d: Daemon) {
     drop(d);
     if let Err(e) = std::process::Command::new("sync").status() {
         eprintln!("berth-bench: sync: {e}");
     }
 }
 
-fn channel(d: &Daemon) -> Result<Channel> {
+pub(crate) fn channel(d: &Daemon) -> Result<Channel> {
     let socket = d.socket().to_path_buf();
     block_on_global(async move { berth_integration::grpc_channel(&socket).await })
 }
 
-fn status(e: berth_integration::tonic::Status) -> anyhow::Error {
+pub(crate) fn status(e: berth_integration::tonic::Status) -> anyhow::Error {
     anyhow!("{}: {}", e.code(), e.message())
 }
 
@@ -120,7 +120,7 @@ async fn cycle(
     Ok(())
 }
 
-async fn snapshot_count(
+pub(crate) async fn snapshot_count(
     client: &mut SnapshotsClient<Channel>,
     snapshotter: &str,
 ) -> Result<usize, berth_integration::tonic::Status> {
@@ -144,7 +144,7 @@ async fn snapshot_count(
 
 /// `cycles` prepare + commit + remove cycles on `snapshotter` by `workers` concurrent clients
 /// (sharing one connection); cycles per second.
-async fn cycles_per_sec(
+pub(crate) async fn cycles_per_sec(
     ch: &Channel,
     snapshotter: &'static str,
     label: &str,

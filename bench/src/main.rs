@@ -18,6 +18,7 @@ use clap::Parser;
 
 mod content;
 mod images;
+mod proxy;
 mod pull;
 mod results;
 
@@ -81,6 +82,33 @@ pub struct Metric {
     pub method: &'static str,
 }
 
+/// A ratio within one daemon: the same work done directly and through something (a proxy),
+/// reported as how many times slower the indirect way is (above 1: slower).
+#[derive(Debug, Clone)]
+pub struct Overhead {
+    /// Short name for the report.
+    pub name: &'static str,
+    /// The metric measured directly.
+    pub direct: &'static str,
+    /// The metric measured through the indirection.
+    pub through: &'static str,
+    /// The metrics' direction: for a rate the overhead is direct/through, for a time
+    /// through/direct.
+    pub better: Better,
+    /// berthd's overhead must stay below this.
+    pub target: Option<f64>,
+}
+
+impl Overhead {
+    /// The overhead from the two medians (NaN when either is missing).
+    pub fn ratio(&self, direct: f64, through: f64) -> f64 {
+        match self.better {
+            Better::Higher => direct / through,
+            Better::Lower => through / direct,
+        }
+    }
+}
+
 /// Settings every workload sees.
 #[derive(Debug, Clone)]
 pub struct Ctx {
@@ -107,6 +135,10 @@ pub trait Workload {
     }
     /// Extra lines for the report (after the runs).
     fn notes(&self) -> Vec<String> {
+        Vec::new()
+    }
+    /// Ratios within one daemon, reported in their own table.
+    fn overheads(&self) -> Vec<Overhead> {
         Vec::new()
     }
 }
@@ -177,6 +209,7 @@ fn workloads() -> Vec<Box<dyn Workload>> {
         Box::new(images::SnapshotOps),
         Box::new(images::ImageImport::new()),
         Box::new(pull::Pull::new()),
+        Box::new(proxy::ProxyOverhead::new()),
     ]
 }
 
@@ -471,6 +504,55 @@ fn render(all: &[Box<dyn Workload>], stored: &results::Results) -> String {
             );
         }
     }
+    let overheads: Vec<(&dyn Workload, &results::WorkloadRun, Overhead)> = present
+        .iter()
+        .flat_map(|(w, r)| w.overheads().into_iter().map(move |o| (*w, *r, o)))
+        .collect();
+    if !overheads.is_empty() {
+        let _ = writeln!(s, "\n## Overheads within one daemon\n");
+        let _ = writeln!(
+            s,
+            "How many times slower the same work is through the indirection than direct, from \
+             the medians above (1.00x: no cost). The target applies to berthd.\n"
+        );
+        let _ = writeln!(
+            s,
+            "| workload | overhead | berthd | containerd | target | met |\n|---|---|---|---|---|---|"
+        );
+        for (w, r, o) in &overheads {
+            let of = |kind: Kind| {
+                o.ratio(
+                    Samples(r.samples(o.direct, kind.name())).median(),
+                    Samples(r.samples(o.through, kind.name())).median(),
+                )
+            };
+            let shown = |v: f64| {
+                if v.is_finite() {
+                    format!("{v:.2}x")
+                } else {
+                    "n/a".to_string()
+                }
+            };
+            let b = of(Kind::Berthd);
+            let (target, met) = match o.target {
+                Some(t) => (
+                    format!("< {t:.2}x"),
+                    if b < t { "met" } else { "not met" }.to_string(),
+                ),
+                None => ("—".to_string(), "—".to_string()),
+            };
+            let _ = writeln!(
+                s,
+                "| {} | {} | {} | {} | {} | {} |",
+                w.name(),
+                o.name,
+                shown(b),
+                shown(of(Kind::Containerd)),
+                target,
+                met
+            );
+        }
+    }
     let _ = writeln!(s, "\n## Methods\n");
     for (w, _) in &present {
         for m in w.metrics() {
@@ -555,6 +637,26 @@ mod tests {
         assert_eq!(Samples(vec![4.0, 1.0]).min(), 1.0);
         assert_eq!(Samples(vec![4.0, 1.0]).max(), 4.0);
         assert!(Samples(vec![]).median().is_nan());
+    }
+
+    #[test]
+    fn overheads_read_above_one_when_the_indirect_way_is_slower() {
+        let rate = Overhead {
+            name: "r",
+            direct: "d",
+            through: "t",
+            better: Better::Higher,
+            target: Some(1.5),
+        };
+        // 300 cycles/s direct, 200 through: 1.5 times slower.
+        assert_eq!(rate.ratio(300.0, 200.0), 1.5);
+        let time = Overhead {
+            better: Better::Lower,
+            ..rate
+        };
+        // 2 s direct, 3 s through: 1.5 times slower.
+        assert_eq!(time.ratio(2.0, 3.0), 1.5);
+        assert!(time.ratio(f64::NAN, 3.0).is_nan());
     }
 
     #[test]
