@@ -137,17 +137,41 @@ pub async fn pull(
                 }
             }
         }
-        let fetched = fetch_blobs(stores, &cx, &client, &parsed, blobs, options, progress).await?;
-
-        let mut unpacked = Vec::new();
-        if !unpacks.is_empty() {
+        // The unpack runs alongside the fetch: each layer is applied once its blob is stored
+        // (and its parent committed), while later layers still download.
+        let arrivals = unpack::Arrivals::new();
+        let configs: Vec<Digest> = if unpacks.is_empty() {
+            Vec::new()
+        } else {
+            let mut configs = Vec::new();
             for manifest in &manifests {
+                let bytes = store::read_document(content, &cx, &manifest.digest).await?;
+                configs.push(oci::parse_manifest(&bytes, &manifest.digest)?.config.digest);
+            }
+            configs
+        };
+        let fetch = fetch_blobs(
+            stores, &cx, &client, &parsed, blobs, options, progress, &arrivals,
+        );
+        let unpack_all = async {
+            let mut unpacked = Vec::new();
+            for (manifest, config_digest) in manifests.iter().zip(&configs) {
+                arrivals.wait(config_digest).await?;
                 let (_, config) = unpack::read_config(content, &cx, manifest).await?;
                 if let Some(target) = unpacks.iter().find(|t| t.accepts(&config.platform)) {
-                    unpacked.push(unpack::unpack(content, &cx, target, manifest, progress).await?);
+                    unpacked.push(
+                        unpack::unpack_as_fetched(
+                            content, &cx, target, manifest, progress, &arrivals,
+                        )
+                        .await?,
+                    );
                 }
             }
-        }
+            Ok::<_, Error>(unpacked)
+        };
+        // The fetch first: when a download fails, its error is the one reported (the unpack
+        // waiting for that blob only stops).
+        let (fetched, unpacked) = tokio::try_join!(fetch, unpack_all)?;
 
         let image = Image {
             name: name.clone(),
@@ -291,7 +315,9 @@ async fn fetch_document(
 }
 
 /// Fetches `blobs` not yet stored, `options.max_concurrent_downloads` at a time (and as
-/// many requests at a time with multipart on); returns how many were fetched.
+/// many requests at a time with multipart on), telling `arrivals` of each blob stored (and
+/// of a failure); returns how many were fetched.
+#[allow(clippy::too_many_arguments)]
 async fn fetch_blobs(
     stores: &Stores,
     cx: &CallContext,
@@ -300,6 +326,28 @@ async fn fetch_blobs(
     blobs: Vec<Descriptor>,
     options: &PullOptions,
     progress: &dyn ProgressSink,
+    arrivals: &unpack::Arrivals,
+) -> Result<usize> {
+    let result = fetch_blobs_into(
+        stores, cx, client, reference, blobs, options, progress, arrivals,
+    )
+    .await;
+    if result.is_err() {
+        arrivals.failed();
+    }
+    result
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn fetch_blobs_into(
+    stores: &Stores,
+    cx: &CallContext,
+    client: &Arc<registry::Client>,
+    reference: &Arc<registry::Reference>,
+    blobs: Vec<Descriptor>,
+    options: &PullOptions,
+    progress: &dyn ProgressSink,
+    arrivals: &unpack::Arrivals,
 ) -> Result<usize> {
     let limit = options.max_concurrent_downloads.max(1) as usize;
     let permits = Arc::new(Semaphore::new(limit));
@@ -327,7 +375,8 @@ async fn fetch_blobs(
                 multipart: multipart.as_ref(),
                 progress: &tx,
             };
-            fetch.run(content.as_ref(), &cx, &blob).await
+            let fetched = fetch.run(content.as_ref(), &cx, &blob).await?;
+            Ok::<_, Error>((blob.digest, fetched))
         });
     }
     drop(tx);
@@ -337,8 +386,10 @@ async fn fetch_blobs(
             Some(event) = rx.recv() => progress.report(event),
             joined = tasks.join_next() => match joined {
                 None => break,
-                Some(Ok(Ok(true))) => fetched += 1,
-                Some(Ok(Ok(false))) => {}
+                Some(Ok(Ok((digest, was_fetched)))) => {
+                    arrivals.stored(&digest);
+                    fetched += usize::from(was_fetched);
+                }
                 Some(Ok(Err(e))) => return Err(e),
                 Some(Err(e)) => {
                     return Err(Error::Core(berth_core::Error::internal(format!(

@@ -22,9 +22,11 @@
 //! fate).
 //!
 //! Layers are applied one after the other: each needs its parent committed first. In an
-//! import every layer is already in the content store, so there is no fetch to overlap with
-//! the applies.
+//! import every layer is already in the content store. A pull unpacks while it fetches
+//! ([`unpack_as_fetched`]): layer k is applied as soon as its blob is stored and layer k-1 is
+//! committed, while later layers are still downloading, as containerd 1.7+ does.
 
+use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::SystemTime;
 
@@ -141,6 +143,61 @@ fn missing(e: Error, what: &str, digest: &Digest, manifest: &Digest) -> Error {
     }
 }
 
+/// Which blobs of a pull are in the content store so far, for an unpack running alongside
+/// the fetch: the fetch marks each blob as it lands (or was there already), and marks the whole
+/// set failed when a download fails, so nothing waits for a blob that will never come.
+#[derive(Clone, Default)]
+pub struct Arrivals {
+    state: Arc<tokio::sync::watch::Sender<ArrivalState>>,
+}
+
+#[derive(Default)]
+struct ArrivalState {
+    stored: HashSet<Digest>,
+    failed: bool,
+}
+
+impl std::fmt::Debug for Arrivals {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Arrivals").finish_non_exhaustive()
+    }
+}
+
+impl Arrivals {
+    /// Nothing stored yet.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// `digest` is in the content store.
+    pub fn stored(&self, digest: &Digest) {
+        self.state.send_modify(|s| {
+            s.stored.insert(digest.clone());
+        });
+    }
+
+    /// A download failed: waiters stop waiting (the fetch reports the error).
+    pub fn failed(&self) {
+        self.state.send_modify(|s| s.failed = true);
+    }
+
+    /// Waits until `digest` is stored; an error when the fetch failed first.
+    pub async fn wait(&self, digest: &Digest) -> Result<()> {
+        let mut rx = self.state.subscribe();
+        let result = rx
+            .wait_for(|s| s.failed || s.stored.contains(digest))
+            .await
+            .map(|s| !s.stored.contains(digest));
+        match result {
+            Ok(false) => Ok(()),
+            _ => Err(Error::Core(berth_core::Error::new(
+                ErrorKind::Aborted,
+                format!("the fetch stopped before {digest} was stored"),
+            ))),
+        }
+    }
+}
+
 /// Unpacks the image `manifest` into `target` (see the module documentation).
 pub async fn unpack(
     content: &dyn ContentStore,
@@ -148,6 +205,30 @@ pub async fn unpack(
     target: &UnpackTarget,
     manifest: &Descriptor,
     progress: &dyn ProgressSink,
+) -> Result<UnpackReport> {
+    unpack_gated(content, cx, target, manifest, progress, None).await
+}
+
+/// [`unpack`] while a fetch is storing the manifest's blobs: each layer is applied once
+/// `arrivals` says its blob is stored (the manifest and its config must be stored already).
+pub async fn unpack_as_fetched(
+    content: &dyn ContentStore,
+    cx: &CallContext,
+    target: &UnpackTarget,
+    manifest: &Descriptor,
+    progress: &dyn ProgressSink,
+    arrivals: &Arrivals,
+) -> Result<UnpackReport> {
+    unpack_gated(content, cx, target, manifest, progress, Some(arrivals)).await
+}
+
+async fn unpack_gated(
+    content: &dyn ContentStore,
+    cx: &CallContext,
+    target: &UnpackTarget,
+    manifest: &Descriptor,
+    progress: &dyn ProgressSink,
+    arrivals: Option<&Arrivals>,
 ) -> Result<UnpackReport> {
     let (parsed, config) = read_config(content, cx, manifest).await?;
     let layers: Vec<&Descriptor> = parsed
@@ -194,6 +275,7 @@ pub async fn unpack(
             &chains,
             &parent_name,
             progress,
+            arrivals,
         )
         .await?;
         if applied {
@@ -233,6 +315,7 @@ async fn unpack_layer(
     chains: &[Digest],
     parent_name: &str,
     progress: &dyn ProgressSink,
+    arrivals: Option<&Arrivals>,
 ) -> Result<bool> {
     let sn = target.snapshotter.as_ref();
     let chain_id = &chains[i];
@@ -249,6 +332,9 @@ async fn unpack_layer(
     if exists(sn, cx, &chain).await? {
         event(progress::ALREADY_EXISTS, layer.size);
         return Ok(false);
+    }
+    if let Some(arrivals) = arrivals {
+        arrivals.wait(&layer.digest).await?;
     }
     let mut labels: Labels = layer
         .annotations
@@ -377,6 +463,40 @@ fn context(e: berth_core::Error, doing: &str) -> Error {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn digest(c: char) -> Digest {
+        format!("sha256:{}", c.to_string().repeat(64))
+            .parse()
+            .expect("digest")
+    }
+
+    #[tokio::test]
+    async fn arrivals_release_a_waiter_when_its_blob_is_stored_and_fail_it_when_the_fetch_fails() {
+        let arrivals = Arrivals::new();
+        let (a, b) = (digest('a'), digest('b'));
+        let waiter = {
+            let arrivals = arrivals.clone();
+            let a = a.clone();
+            tokio::spawn(async move { arrivals.wait(&a).await })
+        };
+        arrivals.stored(&b);
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        assert!(!waiter.is_finished(), "released by another blob");
+        arrivals.stored(&a);
+        waiter.await.expect("join").expect("released once stored");
+        // Stored before the wait: no waiting at all.
+        arrivals.wait(&b).await.expect("already stored");
+        let c = digest('c');
+        let waiter = {
+            let arrivals = arrivals.clone();
+            tokio::spawn(async move { arrivals.wait(&c).await })
+        };
+        arrivals.failed();
+        let err = waiter.await.expect("join").expect_err("the fetch failed");
+        assert!(err.to_string().contains("fetch stopped"), "{err}");
+        // What was stored before the failure still counts.
+        arrivals.wait(&a).await.expect("stored before the failure");
+    }
 
     #[test]
     fn chain_ids_follow_the_oci_spec() {
