@@ -535,6 +535,7 @@ impl Registry {
         let mut slots: Vec<Option<Registration>> =
             self.registrations.into_iter().map(Some).collect();
         let plugins = Arc::new(PluginSet::default());
+        let shared_metadata = shared_metadata(config);
         let disabled: BTreeSet<&str> = config.disabled_plugins.iter().map(String::as_str).collect();
         let mut required: BTreeSet<&str> =
             config.required_plugins.iter().map(String::as_str).collect();
@@ -555,6 +556,7 @@ impl Registry {
                 uri: uri.clone(),
                 plugins: Arc::clone(&plugins),
                 meta: Arc::clone(&meta),
+                shared_metadata: shared_metadata.clone(),
             };
             tracing::debug!(plugin = %uri, "loading plugin");
             let outcome = (reg.init)(ctx).await;
@@ -702,6 +704,19 @@ pub struct InitContext {
     section: Option<toml::Value>,
     plugins: Arc<PluginSet>,
     meta: Arc<Mutex<PluginMeta>>,
+    shared_metadata: crate::metadata::SharedMetadata,
+}
+
+/// The core's metadata database, where the metadata plugin keeps its records, with its
+/// `no_sync` option read from that plugin's section.
+fn shared_metadata(config: &Config) -> crate::metadata::SharedMetadata {
+    let uri = format!("{}.sled", PluginType::METADATA);
+    let no_sync = config
+        .plugins
+        .get(&uri)
+        .and_then(|v| decode::<crate::metadata::MetadataConfig>(v).ok())
+        .is_some_and(|(c, _)| c.no_sync);
+    crate::metadata::SharedMetadata::new(config.root.join(&uri).join("meta.sled"), no_sync)
 }
 
 impl InitContext {
@@ -752,6 +767,12 @@ impl InitContext {
     /// The live plugin set (plugins initialised later appear in it too), for introspection.
     pub fn plugin_set(&self) -> Arc<PluginSet> {
         Arc::clone(&self.plugins)
+    }
+
+    /// The core's metadata database, for a compiled-in plugin that keeps its records in a
+    /// tree of it (so that one flush makes them durable together with the metadata layer's).
+    pub fn shared_metadata(&self) -> crate::metadata::SharedMetadata {
+        self.shared_metadata.clone()
     }
 
     /// Declares platforms, exports and capabilities for introspection.

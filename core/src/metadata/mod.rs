@@ -21,9 +21,16 @@
 //! # Writes and durability
 //!
 //! Writes run one at a time under a short lock (never held across an await) and build a batch
-//! that sled applies atomically. The caller's reply waits for a flush that covers its batch;
-//! concurrent writers share one flush (group commit), so durability does not cost one fsync
-//! per call. With `no_sync` the wait is skipped and sled flushes in the background.
+//! that sled applies atomically (a write of one key goes without a batch: a sled batch writes
+//! out log buffers of its own at once, each synced). The caller's reply waits for a flush
+//! that covers its write; concurrent writers share one flush (group commit), so durability
+//! does not cost one fsync per call. With `no_sync` the wait is skipped and sled flushes in
+//! the background.
+//!
+//! The database is the core's [`SharedDb`]: compiled-in plugins (the `native` and `overlayfs`
+//! snapshotters) keep their own records in trees of it, and their flushes count for the
+//! group commit too, so a snapshot call whose backend flushed after the metadata record was
+//! written waits for no second flush (see `snapshots.rs`).
 //!
 //! # Schema versions
 //!
@@ -31,9 +38,10 @@
 //! from the stored version, each in one batch, and refuses a store written by a newer berth.
 
 use std::collections::BTreeMap;
+use std::collections::BTreeSet;
 use std::ops::Bound;
-use std::path::Path;
-use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
@@ -217,10 +225,9 @@ impl PluginKind for MetadataKind {
 
 /// The metadata store.
 pub struct MetaStore {
-    db: sled::Db,
+    shared: Arc<SharedDb>,
     tree: sled::Tree,
     writer: Mutex<()>,
-    flush: GroupFlush,
     no_sync: bool,
     /// Keys to remove with the next write (see [`MetaStore::remove_with_next_write`]).
     deferred: Mutex<Vec<Vec<u8>>>,
@@ -245,35 +252,32 @@ impl MetaStore {
         config: &MetadataConfig,
         migrations: &[Migration],
     ) -> Result<MetaStore> {
-        let db = sled::Config::new()
-            .path(dir)
-            .flush_every_ms(if config.no_sync { Some(1000) } else { None })
-            .open()
-            .map_err(|e| match e {
-                sled::Error::Io(io) if io.kind() == std::io::ErrorKind::WouldBlock => Error::new(
-                    crate::ErrorKind::Unavailable,
-                    format!(
-                        "metadata store {} is locked by another process: is another berthd \
-                             using this root?",
-                        dir.display()
-                    ),
-                ),
-                other => Error::internal(format!(
-                    "cannot open metadata store {}: {other}",
-                    dir.display()
-                )),
-            })?;
-        let tree = db.open_tree(TREE)?;
+        let shared = SharedDb::open(dir, config.no_sync)?;
+        Self::open_shared_with(shared, config, migrations)
+    }
+
+    /// Opens the store in the shared database `shared` (whose other trees belong to
+    /// compiled-in plugins, see [`SharedMetadata`]) and brings its schema up to date.
+    /// Blocking.
+    pub fn open_shared(shared: Arc<SharedDb>, config: &MetadataConfig) -> Result<MetaStore> {
+        Self::open_shared_with(shared, config, MIGRATIONS)
+    }
+
+    fn open_shared_with(
+        shared: Arc<SharedDb>,
+        config: &MetadataConfig,
+        migrations: &[Migration],
+    ) -> Result<MetaStore> {
+        let tree = shared.db.open_tree(TREE)?;
         let store = MetaStore {
-            db,
+            shared,
             tree,
             writer: Mutex::new(()),
-            flush: GroupFlush::new(),
             no_sync: config.no_sync,
             deferred: Mutex::new(Vec::new()),
         };
         store.migrate(migrations)?;
-        store.db.flush()?;
+        store.shared.db.flush()?;
         Ok(store)
     }
 
@@ -342,17 +346,34 @@ impl MetaStore {
         let deferred =
             std::mem::take(&mut *self.deferred.lock().unwrap_or_else(PoisonError::into_inner));
         for key in deferred {
-            txn.pending.entry(key).or_insert(None);
-        }
-        let mut batch = sled::Batch::default();
-        for (key, value) in txn.pending {
-            match value {
-                Some(v) => batch.insert(key, v),
-                None => batch.remove(key),
+            // Deferred removals need not be atomic with this write (a lost one is found stale
+            // later), so they stay out of its batch: see below why batches cost.
+            if !txn.pending.contains_key(&key) {
+                self.tree.remove(key)?;
             }
         }
-        self.tree.apply_batch(batch)?;
-        Ok((out, self.flush.wrote()))
+        if txn.pending.len() == 1 {
+            // One key is atomic without a batch. A sled batch pins the log: it writes out the
+            // current log buffer and a buffer holding only the batch's manifest at once, each
+            // with a sync of its own, where a plain insert waits in the buffer for the next
+            // flush (one sync for everything).
+            for (key, value) in txn.pending {
+                match value {
+                    Some(v) => self.tree.insert(key, v)?,
+                    None => self.tree.remove(key)?,
+                };
+            }
+        } else {
+            let mut batch = sled::Batch::default();
+            for (key, value) in txn.pending {
+                match value {
+                    Some(v) => batch.insert(key, v),
+                    None => batch.remove(key),
+                }
+            }
+            self.tree.apply_batch(batch)?;
+        }
+        Ok((out, self.shared.flush.wrote()))
     }
 
     /// Runs `f` as the only writer, applies its changes atomically, and returns once they are
@@ -378,7 +399,7 @@ impl MetaStore {
     /// sharing the flush with concurrent writers; at once for `seq` 0 or with `no_sync`.
     pub(crate) async fn durable(&self, seq: u64) -> Result<()> {
         if seq != 0 && !self.no_sync {
-            self.flush.wait(&self.db, seq).await?;
+            self.shared.flush.wait(&self.shared.db, seq).await?;
         }
         Ok(())
     }
@@ -395,7 +416,7 @@ impl MetaStore {
 
     /// A number never handed out before by this store (monotonic across restarts).
     pub fn next_id(&self) -> Result<u64> {
-        Ok(self.db.generate_id()?)
+        Ok(self.shared.db.generate_id()?)
     }
 
     /// Reads one record.
@@ -694,6 +715,201 @@ impl GroupFlush {
     }
 }
 
+impl GroupFlush {
+    /// Flushes `db` on the calling thread (blocking) and counts the flush for every write
+    /// numbered so far, so the waiters of [`GroupFlush::wait`] whose writes it covers return
+    /// without a flush of their own.
+    fn flush_now(&self, db: &sled::Db) -> Result<()> {
+        // Read before the flush: every write numbered up to here is in the tree already
+        // (numbers are taken after the batch is applied), so the flush covers it.
+        let target = self.lock().written;
+        db.flush()?;
+        self.flushes
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.flushed.send_modify(|f| *f = (*f).max(target));
+        Ok(())
+    }
+}
+
+/// The core's sled database with its group commit: the metadata store's tree and the trees
+/// compiled-in plugins keep their own records in (see [`SharedMetadata`]). sled flushes a
+/// whole database at once, so a plugin's flush makes the metadata records written before it
+/// durable too, and the metadata layer's writers then wait for no flush of their own.
+pub struct SharedDb {
+    db: sled::Db,
+    flush: GroupFlush,
+    no_sync: bool,
+    path: PathBuf,
+    co_flushed: Mutex<BTreeSet<String>>,
+}
+
+impl std::fmt::Debug for SharedDb {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SharedDb")
+            .field("path", &self.path)
+            .field("no_sync", &self.no_sync)
+            .finish_non_exhaustive()
+    }
+}
+
+impl SharedDb {
+    /// Opens (creating) the database at `dir`; with `no_sync`, sled flushes in the background
+    /// and [`SharedTree::flush`] does nothing. Blocking.
+    pub fn open(dir: &Path, no_sync: bool) -> Result<Arc<SharedDb>> {
+        let db = sled::Config::new()
+            .path(dir)
+            .flush_every_ms(if no_sync { Some(1000) } else { None })
+            .open()
+            .map_err(|e| match e {
+                sled::Error::Io(io) if io.kind() == std::io::ErrorKind::WouldBlock => Error::new(
+                    crate::ErrorKind::Unavailable,
+                    format!(
+                        "metadata store {} is locked by another process: is another berthd \
+                             using this root?",
+                        dir.display()
+                    ),
+                ),
+                other => Error::internal(format!(
+                    "cannot open metadata store {}: {other}",
+                    dir.display()
+                )),
+            })?;
+        Ok(Arc::new(SharedDb {
+            db,
+            flush: GroupFlush::new(),
+            no_sync,
+            path: dir.to_owned(),
+            co_flushed: Mutex::new(BTreeSet::new()),
+        }))
+    }
+
+    /// The tree `name` for a plugin's own records. Names are the plugin's business; the
+    /// metadata store's own tree is `berth.v1`, which is refused here.
+    pub fn tree(self: &Arc<Self>, name: &str) -> Result<SharedTree> {
+        if name == TREE {
+            return Err(Error::invalid_argument(format!(
+                "tree {name:?} of the metadata database belongs to the metadata store"
+            )));
+        }
+        Ok(SharedTree {
+            tree: self.db.open_tree(name)?,
+            shared: Arc::clone(self),
+        })
+    }
+
+    /// Declares that snapshotter `name` keeps its records in this database and flushes it
+    /// before each Prepare, View and Commit returns: the metadata layer then writes its record
+    /// first and lets that flush cover it, instead of flushing at the same time.
+    pub fn declare_co_flushed_snapshotter(&self, name: &str) {
+        self.co_flushed
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(name.to_owned());
+    }
+
+    pub(crate) fn is_co_flushed_snapshotter(&self, name: &str) -> bool {
+        self.co_flushed
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .contains(name)
+    }
+
+    /// Where the database lives.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+/// A plugin's tree in the core's database ([`SharedDb::tree`]).
+#[derive(Clone)]
+pub struct SharedTree {
+    tree: sled::Tree,
+    shared: Arc<SharedDb>,
+}
+
+impl std::fmt::Debug for SharedTree {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SharedTree")
+            .field("db", &self.shared.path)
+            .field("tree", &String::from_utf8_lossy(&self.tree.name()))
+            .finish()
+    }
+}
+
+impl SharedTree {
+    /// The sled tree.
+    pub fn tree(&self) -> &sled::Tree {
+        &self.tree
+    }
+
+    /// Makes everything applied to the database so far durable, the metadata store's
+    /// pending writes included (they then need no flush of their own). Blocking; nothing to
+    /// do with `no_sync`.
+    pub fn flush(&self) -> Result<()> {
+        if self.shared.no_sync {
+            return Ok(());
+        }
+        self.shared.flush.flush_now(&self.shared.db)
+    }
+
+    /// Where the database lives.
+    pub fn path(&self) -> &Path {
+        &self.shared.path
+    }
+}
+
+/// The core's metadata database as the registry hands it to plugins
+/// ([`crate::registry::InitContext::shared_metadata`]): opened on first use, by the first
+/// compiled-in plugin that asks for a tree or by the metadata plugin, whichever comes first,
+/// and then shared by all of them. Out-of-process and dynamic plugins keep their own stores.
+#[derive(Clone)]
+pub struct SharedMetadata {
+    inner: Arc<SharedMetadataInner>,
+}
+
+struct SharedMetadataInner {
+    path: PathBuf,
+    no_sync: bool,
+    db: Mutex<Option<Arc<SharedDb>>>,
+}
+
+impl std::fmt::Debug for SharedMetadata {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SharedMetadata")
+            .field("path", &self.inner.path)
+            .finish_non_exhaustive()
+    }
+}
+
+impl SharedMetadata {
+    /// The database at `path` (not opened yet).
+    pub fn new(path: impl Into<PathBuf>, no_sync: bool) -> Self {
+        SharedMetadata {
+            inner: Arc::new(SharedMetadataInner {
+                path: path.into(),
+                no_sync,
+                db: Mutex::new(None),
+            }),
+        }
+    }
+
+    /// The database, opened on the first call. Blocking.
+    pub fn db(&self) -> Result<Arc<SharedDb>> {
+        let mut slot = self.inner.db.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(db) = &*slot {
+            return Ok(Arc::clone(db));
+        }
+        let db = SharedDb::open(&self.inner.path, self.inner.no_sync)?;
+        *slot = Some(Arc::clone(&db));
+        Ok(db)
+    }
+
+    /// The tree `name` of the database (see [`SharedDb::tree`]). Blocking.
+    pub fn tree(&self, name: &str) -> Result<SharedTree> {
+        self.db()?.tree(name)
+    }
+}
+
 /// The metadata layer as a plugin, `io.containerd.metadata.v1.sled`: opens the store under
 /// its root and wraps the content backend (when a content plugin is loaded).
 pub fn registration() -> crate::registry::Registration {
@@ -724,11 +940,12 @@ pub fn registration() -> crate::registry::Registration {
             .all::<crate::snapshot::SnapshotterKind>()
             .into_iter()
             .collect();
-        let dir = ctx.root().join("meta.sled");
+        let shared = ctx.shared_metadata();
         let open_config = config.clone();
-        let store = tokio::task::spawn_blocking(move || MetaStore::open(&dir, &open_config))
-            .await
-            .map_err(|e| Error::internal(format!("metadata open task: {e}")))??;
+        let store =
+            tokio::task::spawn_blocking(move || MetaStore::open_shared(shared.db()?, &open_config))
+                .await
+                .map_err(|e| Error::internal(format!("metadata open task: {e}")))??;
         let metadata = Metadata::with_snapshotters(
             std::sync::Arc::new(store),
             events,
@@ -764,7 +981,19 @@ mod tests {
     }
 
     fn open(dir: &Path) -> MetaStore {
-        MetaStore::open(&dir.join("meta"), &MetadataConfig::default()).expect("open")
+        // sled's log writer threads can hold the file lock a moment after a store of the same
+        // process was dropped; a restarted daemon is a new process and never waits.
+        let mut opened = MetaStore::open(&dir.join("meta"), &MetadataConfig::default());
+        for _ in 0..40 {
+            match &opened {
+                Err(e) if e.kind() == ErrorKind::Unavailable => {
+                    std::thread::sleep(std::time::Duration::from_millis(50));
+                    opened = MetaStore::open(&dir.join("meta"), &MetadataConfig::default());
+                }
+                _ => break,
+            }
+        }
+        opened.expect("open")
     }
 
     #[tokio::test]
@@ -912,16 +1141,70 @@ mod tests {
             t.await.expect("join").expect("create");
         }
         assert_eq!(store.list_namespaces().expect("list").len(), 64);
-        let written = store.flush.lock().written;
-        let flushed = *store.flush.flushed.borrow();
+        let written = store.shared.flush.lock().written;
+        let flushed = *store.shared.flush.flushed.borrow();
         assert_eq!(flushed, written, "every write is covered by a flush");
         let flushes = store
+            .shared
             .flush
             .flushes
             .load(std::sync::atomic::Ordering::Relaxed);
         assert!(
             flushes < 16,
             "64 concurrent writers shared flushes, yet {flushes} ran"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_plugin_flush_of_the_shared_db_covers_pending_writes() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let shared = SharedDb::open(&dir.path().join("meta"), false).expect("shared");
+        let store =
+            MetaStore::open_shared(Arc::clone(&shared), &MetadataConfig::default()).expect("open");
+        let plugin = shared.tree("plugin").expect("tree");
+        assert!(
+            shared.tree(TREE).is_err(),
+            "the store's own tree is not handed out"
+        );
+        let ((), seq) = store
+            .write_unflushed(|txn| {
+                txn.put_object(&ns("a"), &ObjectKind::Leases, "l", &1)?;
+                Ok(())
+            })
+            .expect("write");
+        plugin
+            .tree()
+            .insert(b"k", b"v".as_slice())
+            .expect("plugin write");
+        let before = shared
+            .flush
+            .flushes
+            .load(std::sync::atomic::Ordering::Relaxed);
+        plugin.flush().expect("plugin flush");
+        store.durable(seq).await.expect("durable");
+        let after = shared
+            .flush
+            .flushes
+            .load(std::sync::atomic::Ordering::Relaxed);
+        assert_eq!(
+            after - before,
+            1,
+            "the plugin's flush served the store's write: no second flush"
+        );
+        // A write after the plugin's flush still gets a flush of its own.
+        let ((), seq) = store
+            .write_unflushed(|txn| {
+                txn.put_object(&ns("a"), &ObjectKind::Leases, "m", &2)?;
+                Ok(())
+            })
+            .expect("write");
+        store.durable(seq).await.expect("durable");
+        assert_eq!(
+            shared
+                .flush
+                .flushes
+                .load(std::sync::atomic::Ordering::Relaxed),
+            after + 1
         );
     }
 

@@ -8,10 +8,19 @@
 //! it; `/snapshot/prepare|commit|remove` are published. Remove drops the record; the backend
 //! snapshot goes with the next garbage collection, children before parents.
 //!
-//! Prepare and Commit wait for the record's flush and the backend's call (with its own flush)
-//! at the same time rather than one after the other. Commit records an intent with the
-//! committed record, so that a crash which kept the record but not the backend's commit is
-//! finished (or undone) by [`Metadata::recover_snapshot_commits`] at the next start.
+//! Prepare and Commit write the record first (in memory) and then call the backend. A
+//! compiled-in snapshotter that keeps its records in the core's database (see
+//! [`crate::metadata::SharedDb`]) flushes that database before its call returns, which makes
+//! the record durable too: one flush per call, and the record never reaches the disk after
+//! the backend's (sled recovers a prefix of its log, and the record is earlier in it). For
+//! any other backend (a proxy, with a database of its own) the record's flush and the
+//! backend's call run at the same time rather than one after the other, so a crash can also
+//! keep the backend's change without the record (a backend snapshot no record names, swept
+//! by the next collection). In both cases a crash can keep the record without the backend's
+//! change: a record without its backend snapshot is found missing on use and collected, and
+//! Commit records an intent with the committed record, so that a crash which kept the record
+//! but not the backend's commit is finished (or undone) by
+//! [`Metadata::recover_snapshot_commits`] at the next start.
 
 use std::sync::Arc;
 use std::time::SystemTime;
@@ -88,6 +97,12 @@ impl MetaSnapshotter {
             kind: format!("snapshots/{}", self.name),
             id: key.to_owned(),
         }
+    }
+
+    /// Whether the backend keeps its records in the core's database and flushes it before
+    /// its Prepare, View and Commit return (see [`crate::metadata::SharedDb`]).
+    fn co_flushed(&self) -> bool {
+        self.db.store.shared.is_co_flushed_snapshotter(&self.name)
     }
 
     fn kind(&self) -> ObjectKind {
@@ -199,7 +214,18 @@ impl MetaSnapshotter {
                 }
             }
         };
-        let (flushed, created) = tokio::join!(self.db.store.durable(seq), backend_create);
+        let (flushed, created) = if self.co_flushed() {
+            // The backend's flush covers the record written above: one flush for both.
+            let created = backend_create.await;
+            let flushed = match &created {
+                Ok(_) => self.db.store.durable(seq).await,
+                // The undo below writes and flushes anyway.
+                Err(_) => Ok(()),
+            };
+            (flushed, created)
+        } else {
+            tokio::join!(self.db.store.durable(seq), backend_create)
+        };
         let mounts = match created.and_then(|m| flushed.map(|()| m)) {
             Ok(m) => m,
             Err(e) => {
@@ -392,7 +418,17 @@ impl Snapshotter for MetaSnapshotter {
             &active.backend_key,
             backend_labels(&merged),
         );
-        let (flushed, backend_result) = tokio::join!(self.db.store.durable(seq), backend_commit);
+        let (flushed, backend_result) = if self.co_flushed() {
+            // The backend's flush covers the record and intent written above.
+            let committed = backend_commit.await;
+            let flushed = match &committed {
+                Ok(()) => self.db.store.durable(seq).await,
+                Err(_) => Ok(()),
+            };
+            (flushed, committed)
+        } else {
+            tokio::join!(self.db.store.durable(seq), backend_commit)
+        };
         if let Err(e) = backend_result {
             // Nothing was committed: the active record comes back.
             if let Err(undo) = self

@@ -4,7 +4,9 @@
 //!
 //! ```text
 //! <root>/
-//!   metadata.sled/     the snapshotter's records (see [`crate::storage`])
+//!   metadata.sled/     the snapshotter's records (see [`crate::storage`]) when it runs
+//!                      outside berthd; in berthd they are in a tree of the core's
+//!                      metadata database ([`DirSnapshotter::with_shared_metadata`])
 //!   snapshots/<id>/    one directory per snapshot that has one (the layout decides what
 //!                      is inside: the tree itself for native, fs/ and work/ for overlay)
 //!   staging/new-<n>/   a snapshot being created: filled here (a copy can be slow), then
@@ -29,6 +31,7 @@ use berth_core::content::CallContext;
 use berth_core::error::{Error, ErrorKind, Result};
 use berth_core::filters::Filter;
 use berth_core::labels::Labels;
+use berth_core::metadata::SharedMetadata;
 use berth_core::snapshot::{Mount, SnapshotInfo, SnapshotKind, Snapshotter, Usage};
 
 use crate::fsutil::{self, FsError};
@@ -119,6 +122,7 @@ pub struct DirSnapshotter<L> {
     paths: Paths,
     layout: Arc<L>,
     options: EngineOptions,
+    shared: Option<SharedMetadata>,
     engine: tokio::sync::OnceCell<Arc<Engine<L>>>,
 }
 
@@ -167,8 +171,24 @@ impl<L: Layout> DirSnapshotter<L> {
             paths: Paths::new(root),
             layout: Arc::new(layout),
             options,
+            shared: None,
             engine: tokio::sync::OnceCell::new(),
         }
+    }
+
+    /// Keeps the records in a tree of the core's metadata database instead of
+    /// `<root>/metadata.sled` (which is moved in when [`Self::open`] finds one), so that one
+    /// flush makes a call's records and the metadata layer's durable together. For the
+    /// compiled-in plugin; a snapshotter served outside berthd keeps its own database.
+    pub fn with_shared_metadata(mut self, shared: SharedMetadata) -> Self {
+        self.shared = Some(shared);
+        self
+    }
+
+    /// The name of this snapshotter's tree in the core's database: by root, so a snapshotter
+    /// moved to another `root_path` starts empty there, as with a database under the root.
+    fn tree_name(&self) -> String {
+        format!("snapshotter.v1:{}", self.paths.root().display())
     }
 
     /// The root directory.
@@ -193,10 +213,17 @@ impl<L: Layout> DirSnapshotter<L> {
                 let paths = self.paths.clone();
                 let layout = Arc::clone(&self.layout);
                 let options = self.options;
+                let shared = self.shared.clone();
+                let tree_name = self.tree_name();
                 blocking(move || {
                     create_private_dir(paths.root())?;
                     create_private_dir(&paths.snapshots())?;
-                    let store = SnapshotStore::open(&paths.metadata())?;
+                    let store = match shared {
+                        Some(shared) => {
+                            SnapshotStore::open_shared(shared.tree(&tree_name)?, &paths.metadata())?
+                        }
+                        None => SnapshotStore::open(&paths.metadata())?,
+                    };
                     // Only after the store's lock is ours: no other process is using staging.
                     let staging = paths.staging();
                     remove_logged(&staging);

@@ -136,13 +136,16 @@ pub fn registration() -> Registration {
     Registration::new(PluginType::SNAPSHOTTER, "native", |ctx| async move {
         let config: NativeConfig = ctx.config()?;
         let root = configured_root(&config.root_path, ctx.root());
-        let snapshotter = native(root.clone());
+        let shared = ctx.shared_metadata();
+        let snapshotter = native(root.clone()).with_shared_metadata(shared.clone());
         snapshotter.open().await.map_err(|e| {
             Error::new(
                 berth_core::error::Classify::kind(&e),
                 format!("native snapshotter at {}: {}", root.display(), e.message()),
             )
         })?;
+        // Opened by the snapshotter just now: a lookup, no IO.
+        shared.db()?.declare_co_flushed_snapshotter("native");
         ctx.set_meta(|meta| {
             meta.platforms.push(host_platform());
             meta.exports

@@ -1,14 +1,27 @@
 //! The snapshotter's own metadata: which keys exist, their numeric ids, kinds, parents,
-//! labels and times, in a sled tree under the snapshotter's root (containerd keeps the same
-//! facts in `metadata.db`, `core/snapshots/storage/bolt.go`).
+//! labels and times, in a sled tree (containerd keeps the same facts in `metadata.db` under
+//! the snapshotter's root, `core/snapshots/storage/bolt.go`).
+//!
+//! # Where
+//!
+//! - Served outside berthd (a proxy, [`SnapshotStore::open`]): the tree `snapshots.v1` of the
+//!   store's own database, `<root>/metadata.sled`.
+//! - Compiled into berthd ([`SnapshotStore::open_shared`]): a tree of the core's metadata
+//!   database, the one the metadata layer keeps its namespaced records in. sled flushes a
+//!   database as a whole, so the flush that makes this store's write durable also covers the
+//!   metadata layer's record written just before it: one flush per Prepare, View or Commit
+//!   instead of one per database. A `<root>/metadata.sled` found at open (an older berth's)
+//!   is copied into the tree, flushed, and removed, once.
 //!
 //! # Layout
 //!
-//! One sled tree, `snapshots.v1`, in `<root>/metadata.sled`:
+//! The same keys in either place:
 //!
 //! ```text
 //! m \0 schema                         -> u32 big-endian: the schema version
-//! m \0 next-id                        -> u64 big-endian: the last id handed out
+//! m \0 next-id                        -> u64 big-endian: the last id reserved (ids are
+//!                                        reserved in blocks; none up to it is handed out
+//!                                        again)
 //! s \0 <key bytes>                    -> SnapshotRecord (JSON): id, kind, parent key, labels,
 //!                                        created/updated, usage (committed snapshots)
 //! c \0 <parent id BE> <child id BE>   -> the child's key: the children index, so a parent
@@ -21,10 +34,13 @@
 //!
 //! # Writes
 //!
-//! Writers take one lock, read what they need, and apply one atomic sled batch (so the
-//! children index never disagrees with the records); file-system steps that must agree with
-//! the records (renaming a new snapshot's directory into place, listing orphan directories)
-//! run under the same lock. A call returns after sled has flushed its batch to disk.
+//! Writers take one lock, read what they need, and apply their keys atomically (one sled
+//! batch, so the children index never disagrees with the records; a single key without a
+//! batch, which costs sled less IO); file-system steps that must agree with the records
+//! (renaming a new snapshot's directory into place, listing orphan directories) run under
+//! the same lock. A call returns after sled has flushed the database to disk (but for a
+//! removal in the shared database, see [`SnapshotStore::remove`]). Ids are
+//! reserved in blocks, so the id counter is written once per block, not with every record.
 //!
 //! # Schema versions
 //!
@@ -39,6 +55,7 @@ use std::time::SystemTime;
 use berth_core::error::{Error, ErrorKind, Result};
 use berth_core::filters::Filter;
 use berth_core::labels::{self, Labels};
+use berth_core::metadata::SharedTree;
 use berth_core::snapshot::{SnapshotInfo, SnapshotKind, Usage};
 use serde::{Deserialize, Serialize};
 
@@ -118,11 +135,26 @@ pub struct Snapshot {
 
 /// The metadata store of one snapshotter.
 pub struct SnapshotStore {
-    db: sled::Db,
+    backing: Backing,
     tree: sled::Tree,
     writer: Mutex<()>,
+    ids: Mutex<IdState>,
     path: PathBuf,
 }
+
+/// Ids are reserved [`ID_BLOCK`] at a time: the stored counter is the last id reserved, so
+/// most creations write their record alone (see [`SnapshotStore::apply`]). Reserved ids a
+/// restart skips are never handed out.
+#[derive(Debug, Default)]
+struct IdState {
+    /// The next id to hand out; 0 until the stored counter was read.
+    next: u64,
+    /// The last id the stored counter covers.
+    reserved: u64,
+}
+
+/// How many ids one write of the counter reserves.
+const ID_BLOCK: u64 = 1024;
 
 impl std::fmt::Debug for SnapshotStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -130,6 +162,14 @@ impl std::fmt::Debug for SnapshotStore {
             .field("path", &self.path)
             .finish_non_exhaustive()
     }
+}
+
+/// Whose database the tree is in, which decides how a write is flushed.
+enum Backing {
+    /// `<root>/metadata.sled`, the store's own (a snapshotter served outside berthd).
+    Own(sled::Db),
+    /// A tree of the core's metadata database (a compiled-in snapshotter in berthd).
+    Shared(SharedTree),
 }
 
 fn snapshot_key(key: &str) -> Vec<u8> {
@@ -230,11 +270,107 @@ impl SnapshotStore {
         })?;
         let tree = db.open_tree(TREE).map_err(sled_error)?;
         let store = SnapshotStore {
-            db,
+            backing: Backing::Own(db),
             tree,
             writer: Mutex::new(()),
+            ids: Mutex::new(IdState::default()),
             path: dir.to_owned(),
         };
+        store.check_schema()?;
+        Ok(store)
+    }
+
+    /// Opens the store in `shared`, a tree of the core's metadata database, so that a write's
+    /// flush also makes the metadata layer's pending records durable (one flush per call).
+    /// A store the snapshotter kept in its own database at `legacy_dir` (`<root>/metadata.sled`,
+    /// written by an older berth or by this snapshotter served outside berthd) is copied in
+    /// once, flushed, and then removed. Blocking.
+    pub fn open_shared(shared: SharedTree, legacy_dir: &Path) -> Result<SnapshotStore> {
+        let store = SnapshotStore {
+            tree: shared.tree().clone(),
+            path: shared.path().to_owned(),
+            backing: Backing::Shared(shared),
+            writer: Mutex::new(()),
+            ids: Mutex::new(IdState::default()),
+        };
+        if legacy_dir.exists() {
+            store.migrate_from(legacy_dir)?;
+        }
+        store.check_schema()?;
+        store.repair_split_commits()?;
+        Ok(store)
+    }
+
+    /// In the shared database a commit writes its keys one by one instead of in a batch (a
+    /// sled batch costs two more synced log writes, and the metadata layer's commit already
+    /// wrote one): the committed record first, the active one's removal last. sled recovers a
+    /// prefix of its log, so a crash in between leaves both records with the same id, never
+    /// the removal alone. Such a pair is settled here, at open and before anything can use
+    /// the active record: the committed one stays (the metadata layer's commit intent names
+    /// it as done), the active one goes, and the directory they share is kept.
+    fn repair_split_commits(&self) -> Result<()> {
+        let mut by_id: std::collections::BTreeMap<u64, Vec<(Vec<u8>, StoredKind)>> =
+            std::collections::BTreeMap::new();
+        for entry in self.tree.scan_prefix(SNAPSHOT_PREFIX) {
+            let (k, v) = entry.map_err(sled_error)?;
+            let key = String::from_utf8_lossy(&k[SNAPSHOT_PREFIX.len()..]).into_owned();
+            let record = decode(&key, &v)?;
+            by_id
+                .entry(record.id)
+                .or_default()
+                .push((k.to_vec(), record.kind));
+        }
+        let mut repaired = 0usize;
+        for (id, records) in by_id {
+            if records.len() < 2 || !records.iter().any(|(_, k)| *k == StoredKind::Committed) {
+                continue;
+            }
+            for (key, kind) in records {
+                if kind == StoredKind::Active {
+                    tracing::info!(id, key = %String::from_utf8_lossy(&key[SNAPSHOT_PREFIX.len()..]), "dropping the active record of a snapshot commit a crash cut off after its committed record");
+                    self.tree.remove(key).map_err(sled_error)?;
+                    repaired += 1;
+                }
+            }
+        }
+        if repaired > 0 {
+            self.flush()?;
+        }
+        Ok(())
+    }
+
+    /// Copies the records of the store at `dir` into this (empty) one, flushes, and removes
+    /// `dir`. A crash before the flush leaves `dir` to copy again; after it, the copy has the
+    /// schema record, so the next start only removes `dir`.
+    fn migrate_from(&self, dir: &Path) -> Result<()> {
+        if self.tree.get(SCHEMA_KEY).map_err(sled_error)?.is_none() {
+            let old = SnapshotStore::open(dir)?;
+            let mut batch = sled::Batch::default();
+            let mut records = 0usize;
+            for entry in old.tree.iter() {
+                let (k, v) = entry.map_err(sled_error)?;
+                batch.insert(k, v);
+                records += 1;
+            }
+            drop(old);
+            self.tree.apply_batch(batch).map_err(sled_error)?;
+            self.flush()?;
+            tracing::info!(from = %dir.display(), into = %self.path.display(), records, "snapshotter metadata moved into the core's metadata database");
+        } else {
+            tracing::info!(path = %dir.display(), "removing snapshotter metadata already moved into the core's metadata database");
+        }
+        std::fs::remove_dir_all(dir).map_err(|e| {
+            Error::internal(format!(
+                "cannot remove the moved snapshotter metadata {}: {e}: remove it by hand",
+                dir.display()
+            ))
+        })
+    }
+
+    /// Writes the schema version into a new store; refuses one written by a newer berth.
+    fn check_schema(&self) -> Result<()> {
+        let store = self;
+        let dir = &self.path;
         match store.tree.get(SCHEMA_KEY).map_err(sled_error)? {
             None => {
                 store
@@ -259,7 +395,7 @@ impl SnapshotStore {
                 }
             }
         }
-        Ok(store)
+        Ok(())
     }
 
     fn lock(&self) -> MutexGuard<'_, ()> {
@@ -267,7 +403,10 @@ impl SnapshotStore {
     }
 
     fn flush(&self) -> Result<()> {
-        self.db.flush().map(|_| ()).map_err(sled_error)
+        match &self.backing {
+            Backing::Own(db) => db.flush().map(|_| ()).map_err(sled_error),
+            Backing::Shared(shared) => shared.flush(),
+        }
     }
 
     fn record(&self, key: &str) -> Result<Option<SnapshotRecord>> {
@@ -391,7 +530,7 @@ impl SnapshotStore {
         let snapshot = {
             let _writer = self.lock();
             let parent_ids = self.check_create(key, parent)?;
-            let id = self.last_id()? + 1;
+            let id = self.next_id()?;
             let snapshot = Snapshot {
                 id,
                 kind,
@@ -408,17 +547,69 @@ impl SnapshotStore {
                 updated_at: now,
                 usage: None,
             };
-            let mut batch = sled::Batch::default();
-            batch.insert(NEXT_ID_KEY, &id.to_be_bytes());
-            batch.insert(snapshot_key(key), encode(&record)?);
-            if let Some(&pid) = snapshot.parent_ids.first() {
-                batch.insert(child_key(pid, id), key.as_bytes());
+            let mut ops = vec![(snapshot_key(key), Some(encode(&record)?))];
+            let reserve = (id > self.reserved()).then(|| id + ID_BLOCK - 1);
+            if let Some(reserve) = reserve {
+                ops.push((NEXT_ID_KEY.to_vec(), Some(reserve.to_be_bytes().to_vec())));
             }
-            self.tree.apply_batch(batch).map_err(sled_error)?;
+            if let Some(&pid) = snapshot.parent_ids.first() {
+                ops.push((child_key(pid, id), Some(key.as_bytes().to_vec())));
+            }
+            self.apply(ops)?;
+            let mut ids = self.ids.lock().unwrap_or_else(PoisonError::into_inner);
+            ids.next = id + 1;
+            if let Some(reserve) = reserve {
+                ids.reserved = reserve;
+            }
             snapshot
         };
         self.flush()?;
         Ok(snapshot)
+    }
+
+    /// The id the next creation gets (called under the writer lock).
+    fn next_id(&self) -> Result<u64> {
+        let mut ids = self.ids.lock().unwrap_or_else(PoisonError::into_inner);
+        if ids.next == 0 {
+            // First creation since open: ids up to the stored mark may have been handed out.
+            let stored = self.last_id()?;
+            *ids = IdState {
+                next: stored + 1,
+                reserved: stored,
+            };
+        }
+        Ok(ids.next)
+    }
+
+    fn reserved(&self) -> u64 {
+        self.ids
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .reserved
+    }
+
+    /// Applies `ops` atomically: one key alone as a plain insert or removal, several as a
+    /// batch. A sled batch pins the log (it writes out the current log buffer and a buffer
+    /// with only the batch's manifest at once, each synced), where a plain write waits in the
+    /// buffer for the next flush.
+    fn apply(&self, ops: Vec<(Vec<u8>, Option<Vec<u8>>)>) -> Result<()> {
+        if ops.len() == 1 {
+            for (key, value) in ops {
+                match value {
+                    Some(v) => self.tree.insert(key, v).map_err(sled_error)?,
+                    None => self.tree.remove(key).map_err(sled_error)?,
+                };
+            }
+            return Ok(());
+        }
+        let mut batch = sled::Batch::default();
+        for (key, value) in ops {
+            match value {
+                Some(v) => batch.insert(key, v),
+                None => batch.remove(key),
+            }
+        }
+        self.tree.apply_batch(batch).map_err(sled_error)
     }
 
     fn last_id(&self) -> Result<u64> {
@@ -465,17 +656,25 @@ impl SnapshotStore {
                 size: usage.size,
                 inodes: usage.inodes,
             });
-            let mut batch = sled::Batch::default();
-            batch.remove(snapshot_key(key));
-            batch.insert(snapshot_key(name), encode(&record)?);
+            // The committed record first and the active one's removal last: see
+            // `repair_split_commits` for why that order is enough without a batch.
+            let mut ops = vec![(snapshot_key(name), Some(encode(&record)?))];
             if let Some(parent) = &record.parent {
                 let pid = self
                     .record(parent)?
                     .ok_or_else(|| corrupt(format!("parent {parent:?} of {key:?} is missing")))?
                     .id;
-                batch.insert(child_key(pid, record.id), name.as_bytes());
+                ops.push((child_key(pid, record.id), Some(name.as_bytes().to_vec())));
             }
-            self.tree.apply_batch(batch).map_err(sled_error)?;
+            ops.push((snapshot_key(key), None));
+            match &self.backing {
+                Backing::Own(_) => self.apply(ops)?,
+                Backing::Shared(_) => {
+                    for op in ops {
+                        self.apply(vec![op])?;
+                    }
+                }
+            }
             record.id
         };
         self.flush()?;
@@ -495,17 +694,25 @@ impl SnapshotStore {
                     String::from_utf8_lossy(&child)
                 )));
             }
-            let mut batch = sled::Batch::default();
-            batch.remove(snapshot_key(key));
+            let mut ops = vec![(snapshot_key(key), None)];
             if let Some(parent) = &record.parent
                 && let Some(p) = self.record(parent)?
             {
-                batch.remove(child_key(p.id, record.id));
+                ops.push((child_key(p.id, record.id), None));
             }
-            self.tree.apply_batch(batch).map_err(sled_error)?;
+            self.apply(ops)?;
             (record.id, record.kind.into())
         };
-        self.flush()?;
+        match &self.backing {
+            Backing::Own(_) => self.flush()?,
+            // In berthd only the metadata layer's collection removes backend snapshots, and
+            // only those no namespace record names (backend keys are never reused): a removal
+            // a crash loses brings back a record nothing names, which the next collection
+            // removes again. Not flushing spares a collection one synced log write per
+            // snapshot, while it holds Prepare and Commit off. The next flush of the database
+            // makes the removal durable.
+            Backing::Shared(_) => {}
+        }
         Ok(removed)
     }
 
@@ -627,7 +834,148 @@ mod tests {
         let c = s
             .create(SnapshotKind::Active, "c", None, Labels::new(), ok)
             .expect("c");
-        assert_eq!(c.id, 3);
+        assert!(c.id > 2, "ids handed out before the restart are not reused");
+    }
+
+    /// Opens the store at `dir`, waiting out the file lock sled's background flusher can
+    /// hold a moment after a store of the same process was dropped.
+    fn reopen(dir: &Path) -> SnapshotStore {
+        let mut reopened = SnapshotStore::open(dir);
+        for _ in 0..40 {
+            if reopened.is_ok() {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+            reopened = SnapshotStore::open(dir);
+        }
+        reopened.expect("reopen")
+    }
+
+    #[test]
+    fn an_own_database_moves_into_the_shared_tree_once() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let legacy = dir.path().join("metadata.sled");
+        {
+            let s = SnapshotStore::open(&legacy).expect("open own");
+            s.create(SnapshotKind::Active, "base", None, Labels::new(), ok)
+                .expect("base");
+            s.commit("base", "layer", Labels::new(), Usage { size: 7, inodes: 2 })
+                .expect("commit");
+            s.create(
+                SnapshotKind::Active,
+                "top",
+                Some("layer"),
+                Labels::new(),
+                ok,
+            )
+            .expect("top");
+        }
+        // Wait until the old database can be opened again (see `reopen`), as a new process
+        // always can.
+        drop(reopen(&legacy));
+        let shared = berth_core::metadata::SharedDb::open(&dir.path().join("meta"), false)
+            .expect("shared db");
+        let s = SnapshotStore::open_shared(shared.tree("snapshots").expect("tree"), &legacy)
+            .expect("migrate");
+        assert!(
+            !legacy.exists(),
+            "the old database is removed after the move"
+        );
+        let layer = s.get("layer").expect("moved record");
+        assert_eq!(layer.info.kind, SnapshotKind::Committed);
+        assert_eq!(layer.usage.size, 7);
+        assert_eq!(
+            s.snapshot("top").expect("active").parent_ids,
+            vec![layer.id],
+            "ids and the children index moved too"
+        );
+        assert_eq!(
+            s.remove("layer").expect_err("has a child").kind(),
+            ErrorKind::FailedPrecondition
+        );
+        let next = s
+            .create(SnapshotKind::Active, "new", None, Labels::new(), ok)
+            .expect("new");
+        assert!(next.id > layer.id, "ids are not reused after the move");
+        // Opening again finds nothing to move and keeps the records.
+        drop(s);
+        let s = SnapshotStore::open_shared(shared.tree("snapshots").expect("tree"), &legacy)
+            .expect("reopen shared");
+        assert_eq!(s.list(&Filter::default()).expect("list").len(), 3);
+    }
+
+    #[test]
+    fn a_move_cut_off_after_its_flush_only_removes_the_old_database() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let legacy = dir.path().join("metadata.sled");
+        let shared = berth_core::metadata::SharedDb::open(&dir.path().join("meta"), false)
+            .expect("shared db");
+        {
+            let s = SnapshotStore::open_shared(shared.tree("snapshots").expect("tree"), &legacy)
+                .expect("fresh shared");
+            s.create(SnapshotKind::Active, "kept", None, Labels::new(), ok)
+                .expect("kept");
+        }
+        // What a crash between the copy's flush and the removal leaves: the old database
+        // (here with a stale record) next to a shared tree that has the records.
+        {
+            let old = SnapshotStore::open(&legacy).expect("old");
+            old.create(SnapshotKind::Active, "stale", None, Labels::new(), ok)
+                .expect("stale");
+        }
+        drop(reopen(&legacy));
+        let s = SnapshotStore::open_shared(shared.tree("snapshots").expect("tree"), &legacy)
+            .expect("open");
+        assert!(!legacy.exists());
+        assert!(s.get("kept").is_ok());
+        assert_eq!(
+            s.get("stale").expect_err("not copied twice").kind(),
+            ErrorKind::NotFound
+        );
+    }
+
+    #[test]
+    fn a_commit_cut_off_between_its_keys_is_settled_at_open() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let legacy = dir.path().join("metadata.sled");
+        let shared = berth_core::metadata::SharedDb::open(&dir.path().join("meta"), false)
+            .expect("shared db");
+        let tree = shared.tree("snapshots").expect("tree");
+        let id = {
+            let s = SnapshotStore::open_shared(tree.clone(), &legacy).expect("open");
+            s.create(SnapshotKind::Active, "base", None, Labels::new(), ok)
+                .expect("base");
+            s.commit("base", "layer", Labels::new(), Usage::default())
+                .expect("commit");
+            s.create(SnapshotKind::Active, "active", None, Labels::new(), ok)
+                .expect("active")
+                .id
+        };
+        // What survives a crash after the committed record of "active" reached the log but
+        // before its removal did: both records, one id.
+        let mut committed: SnapshotRecord = serde_json::from_slice(
+            &tree
+                .tree()
+                .get(snapshot_key("active"))
+                .expect("get")
+                .expect("record"),
+        )
+        .expect("decode");
+        committed.kind = StoredKind::Committed;
+        tree.tree()
+            .insert(snapshot_key("done"), encode(&committed).expect("encode"))
+            .expect("insert");
+        let s = SnapshotStore::open_shared(tree, &legacy).expect("reopen");
+        assert_eq!(
+            s.get("active").expect_err("settled").kind(),
+            ErrorKind::NotFound
+        );
+        let done = s.get("done").expect("committed stays");
+        assert_eq!((done.id, done.info.kind), (id, SnapshotKind::Committed));
+        assert_eq!(
+            s.get("layer").expect("untouched").info.kind,
+            SnapshotKind::Committed
+        );
     }
 
     #[test]

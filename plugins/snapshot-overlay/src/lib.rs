@@ -401,12 +401,14 @@ pub fn registration() -> Registration {
         .await
         .map_err(|e| InitError::Failed(Error::internal(format!("overlay check task: {e}"))))?
         .map_err(InitError::Skip)?;
+        let shared = ctx.shared_metadata();
         let snapshotter = overlay(
             root.clone(),
             config.upperdir_label,
             config.sync_remove,
             options,
-        );
+        )
+        .with_shared_metadata(shared.clone());
         snapshotter.open().await.map_err(|e| {
             Error::new(
                 berth_core::error::Classify::kind(&e),
@@ -417,6 +419,8 @@ pub fn registration() -> Registration {
                 ),
             )
         })?;
+        // Opened by the snapshotter just now: a lookup, no IO.
+        shared.db()?.declare_co_flushed_snapshotter("overlayfs");
         ctx.set_meta(|meta| {
             meta.platforms.push(berth_snapshot_native::host_platform());
             meta.exports
