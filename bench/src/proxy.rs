@@ -82,7 +82,7 @@ impl ProxyOverhead {
 struct ProxyProcess {
     child: Child,
     socket: PathBuf,
-    _dir: tempfile::TempDir,
+    dir: tempfile::TempDir,
 }
 
 impl ProxyProcess {
@@ -108,11 +108,7 @@ impl ProxyProcess {
             .stderr(log)
             .spawn()
             .with_context(|| format!("starting {}", binary.display()))?;
-        let proxy = ProxyProcess {
-            child,
-            socket,
-            _dir: dir,
-        };
+        let proxy = ProxyProcess { child, socket, dir };
         let deadline = Instant::now() + Duration::from_secs(20);
         while std::os::unix::net::UnixStream::connect(&proxy.socket).is_err() {
             if Instant::now() > deadline {
@@ -128,11 +124,11 @@ impl ProxyProcess {
     }
 
     fn log(&self) -> String {
-        std::fs::read_to_string(self._dir.path().join("proxy.log")).unwrap_or_default()
+        std::fs::read_to_string(self.dir.path().join("proxy.log")).unwrap_or_default()
     }
 
     fn overlay_snapshots(&self) -> PathBuf {
-        self._dir.path().join("overlay").join("snapshots")
+        self.dir.path().join("overlay").join("snapshots")
     }
 }
 

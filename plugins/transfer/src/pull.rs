@@ -128,9 +128,12 @@ pub async fn pull(
 
         let mut blobs = Vec::new();
         let mut seen = HashSet::new();
+        // Each manifest's config digest, for the unpack to wait on before it reads the config.
+        let mut configs = Vec::new();
         for manifest in &manifests {
             let bytes = store::read_document(content, &cx, &manifest.digest).await?;
             let m = oci::parse_manifest(&bytes, &manifest.digest)?;
+            configs.push(m.config.digest.clone());
             for blob in std::iter::once(m.config).chain(m.layers) {
                 if seen.insert(blob.digest.clone()) {
                     blobs.push(blob);
@@ -140,21 +143,22 @@ pub async fn pull(
         // The unpack runs alongside the fetch: each layer is applied once its blob is stored
         // (and its parent committed), while later layers still download.
         let arrivals = unpack::Arrivals::new();
-        let configs: Vec<Digest> = if unpacks.is_empty() {
-            Vec::new()
-        } else {
-            let mut configs = Vec::new();
-            for manifest in &manifests {
-                let bytes = store::read_document(content, &cx, &manifest.digest).await?;
-                configs.push(oci::parse_manifest(&bytes, &manifest.digest)?.config.digest);
+        let fetch = async {
+            let fetched = fetch_blobs(
+                stores, &cx, &client, &parsed, blobs, options, progress, &arrivals,
+            )
+            .await;
+            if fetched.is_err() {
+                // Nothing waits for a blob that will never come.
+                arrivals.failed();
             }
-            configs
+            fetched
         };
-        let fetch = fetch_blobs(
-            stores, &cx, &client, &parsed, blobs, options, progress, &arrivals,
-        );
         let unpack_all = async {
             let mut unpacked = Vec::new();
+            if unpacks.is_empty() {
+                return Ok(unpacked);
+            }
             for (manifest, config_digest) in manifests.iter().zip(&configs) {
                 arrivals.wait(config_digest).await?;
                 let (_, config) = unpack::read_config(content, &cx, manifest).await?;
@@ -315,31 +319,10 @@ async fn fetch_document(
 }
 
 /// Fetches `blobs` not yet stored, `options.max_concurrent_downloads` at a time (and as
-/// many requests at a time with multipart on), telling `arrivals` of each blob stored (and
-/// of a failure); returns how many were fetched.
+/// many requests at a time with multipart on), telling `arrivals` of each blob stored;
+/// returns how many were fetched.
 #[allow(clippy::too_many_arguments)]
 async fn fetch_blobs(
-    stores: &Stores,
-    cx: &CallContext,
-    client: &Arc<registry::Client>,
-    reference: &Arc<registry::Reference>,
-    blobs: Vec<Descriptor>,
-    options: &PullOptions,
-    progress: &dyn ProgressSink,
-    arrivals: &unpack::Arrivals,
-) -> Result<usize> {
-    let result = fetch_blobs_into(
-        stores, cx, client, reference, blobs, options, progress, arrivals,
-    )
-    .await;
-    if result.is_err() {
-        arrivals.failed();
-    }
-    result
-}
-
-#[allow(clippy::too_many_arguments)]
-async fn fetch_blobs_into(
     stores: &Stores,
     cx: &CallContext,
     client: &Arc<registry::Client>,
