@@ -3,7 +3,8 @@
 //! # Layout
 //!
 //! Everything lives in one sled tree, `berth.v1`, so a write that touches several records is
-//! one atomic batch. Keys are byte strings of NUL-separated parts (no part may contain NUL):
+//! atomic (through the tree's write journal, see [`journal`]). Keys are byte strings of
+//! NUL-separated parts (no part may contain NUL):
 //!
 //! ```text
 //! m \0 schema                          -> u32 big-endian: the schema version
@@ -13,6 +14,8 @@
 //!                                         sandboxes, leases, ingests
 //! j \0 <snapshotter> \0 <backend name> -> a snapshot commit whose backend half may be
 //!                                         missing after a crash (see `snapshots.rs`)
+//! w \0 journal                         -> a write of several keys until they are all
+//!                                         written (see [`journal`])
 //! ```
 //!
 //! Namespaces exist implicitly: creating an object creates its namespace record. A namespace
@@ -20,9 +23,9 @@
 //!
 //! # Writes and durability
 //!
-//! Writes run one at a time under a short lock (never held across an await) and build a batch
-//! that sled applies atomically (a write of one key goes without a batch: a sled batch writes
-//! out log buffers of its own at once, each synced). The caller's reply waits for a flush
+//! Writes run one at a time under a short lock (never held across an await) and are applied
+//! atomically through the tree's write journal ([`journal`]; sled batches write out log
+//! buffers of their own at once, each synced). The caller's reply waits for a flush
 //! that covers its write; concurrent writers share one flush (group commit), so durability
 //! does not cost one fsync per call. With `no_sync` the wait is skipped and sled flushes in
 //! the background.
@@ -35,7 +38,7 @@
 //! # Schema versions
 //!
 //! [`SCHEMA_VERSION`] is stored under `m\0schema`. Opening runs the ordered [`MIGRATIONS`]
-//! from the stored version, each in one batch, and refuses a store written by a newer berth.
+//! from the stored version, each in one atomic write, and refuses a store written by a newer berth.
 
 use std::collections::BTreeMap;
 use std::collections::BTreeSet;
@@ -50,6 +53,7 @@ mod content;
 mod db;
 pub mod gc;
 pub mod images;
+pub mod journal;
 pub mod leases;
 pub mod scheduler;
 mod snapshots;
@@ -276,6 +280,7 @@ impl MetaStore {
             no_sync: config.no_sync,
             deferred: Mutex::new(Vec::new()),
         };
+        journal::recover(&store.tree)?;
         store.migrate(migrations)?;
         store.shared.db.flush()?;
         Ok(store)
@@ -347,32 +352,14 @@ impl MetaStore {
             std::mem::take(&mut *self.deferred.lock().unwrap_or_else(PoisonError::into_inner));
         for key in deferred {
             // Deferred removals need not be atomic with this write (a lost one is found stale
-            // later), so they stay out of its batch: see below why batches cost.
+            // later), so they stay out of its journal.
             if !txn.pending.contains_key(&key) {
                 self.tree.remove(key)?;
             }
         }
-        if txn.pending.len() == 1 {
-            // One key is atomic without a batch. A sled batch pins the log: it writes out the
-            // current log buffer and a buffer holding only the batch's manifest at once, each
-            // with a sync of its own, where a plain insert waits in the buffer for the next
-            // flush (one sync for everything).
-            for (key, value) in txn.pending {
-                match value {
-                    Some(v) => self.tree.insert(key, v)?,
-                    None => self.tree.remove(key)?,
-                };
-            }
-        } else {
-            let mut batch = sled::Batch::default();
-            for (key, value) in txn.pending {
-                match value {
-                    Some(v) => batch.insert(key, v),
-                    None => batch.remove(key),
-                }
-            }
-            self.tree.apply_batch(batch)?;
-        }
+        // Atomic without a sled batch (see `journal`): everything waits in the log buffer
+        // for the next flush.
+        journal::apply(&self.tree, txn.pending.into_iter().collect())?;
         Ok((out, self.shared.flush.wrote()))
     }
 

@@ -55,7 +55,7 @@ use std::time::SystemTime;
 use berth_core::error::{Error, ErrorKind, Result};
 use berth_core::filters::Filter;
 use berth_core::labels::{self, Labels};
-use berth_core::metadata::SharedTree;
+use berth_core::metadata::{SharedTree, journal};
 use berth_core::snapshot::{SnapshotInfo, SnapshotKind, Usage};
 use serde::{Deserialize, Serialize};
 
@@ -276,6 +276,9 @@ impl SnapshotStore {
             ids: Mutex::new(IdState::default()),
             path: dir.to_owned(),
         };
+        if journal::recover(&store.tree)? {
+            store.flush()?;
+        }
         store.check_schema()?;
         Ok(store)
     }
@@ -296,18 +299,21 @@ impl SnapshotStore {
         if legacy_dir.exists() {
             store.migrate_from(legacy_dir)?;
         }
+        if journal::recover(&store.tree)? {
+            store.flush()?;
+        }
         store.check_schema()?;
         store.repair_split_commits()?;
         Ok(store)
     }
 
-    /// In the shared database a commit writes its keys one by one instead of in a batch (a
-    /// sled batch costs two more synced log writes, and the metadata layer's commit already
-    /// wrote one): the committed record first, the active one's removal last. sled recovers a
-    /// prefix of its log, so a crash in between leaves both records with the same id, never
-    /// the removal alone. Such a pair is settled here, at open and before anything can use
-    /// the active record: the committed one stays (the metadata layer's commit intent names
-    /// it as done), the active one goes, and the directory they share is kept.
+    /// An earlier berth wrote a commit's keys in the shared database one by one (before
+    /// writes of several keys went through the tree's journal): the committed record first,
+    /// the active one's removal last. sled recovers a prefix of its log, so a crash in between
+    /// left both records with the same id, never the removal alone. Such a pair is settled
+    /// here, at open and before anything can use the active record: the committed one stays
+    /// (the metadata layer's commit intent names it as done), the active one goes, and the
+    /// directory they share is kept.
     fn repair_split_commits(&self) -> Result<()> {
         let mut by_id: std::collections::BTreeMap<u64, Vec<(Vec<u8>, StoredKind)>> =
             std::collections::BTreeMap::new();
@@ -588,28 +594,10 @@ impl SnapshotStore {
             .reserved
     }
 
-    /// Applies `ops` atomically: one key alone as a plain insert or removal, several as a
-    /// batch. A sled batch pins the log (it writes out the current log buffer and a buffer
-    /// with only the batch's manifest at once, each synced), where a plain write waits in the
-    /// buffer for the next flush.
+    /// Applies `ops` atomically without a sled batch (see `berth_core::metadata::journal`):
+    /// everything waits in the log buffer for the next flush.
     fn apply(&self, ops: Vec<(Vec<u8>, Option<Vec<u8>>)>) -> Result<()> {
-        if ops.len() == 1 {
-            for (key, value) in ops {
-                match value {
-                    Some(v) => self.tree.insert(key, v).map_err(sled_error)?,
-                    None => self.tree.remove(key).map_err(sled_error)?,
-                };
-            }
-            return Ok(());
-        }
-        let mut batch = sled::Batch::default();
-        for (key, value) in ops {
-            match value {
-                Some(v) => batch.insert(key, v),
-                None => batch.remove(key),
-            }
-        }
-        self.tree.apply_batch(batch).map_err(sled_error)
+        journal::apply(&self.tree, ops)
     }
 
     fn last_id(&self) -> Result<u64> {
@@ -656,8 +644,6 @@ impl SnapshotStore {
                 size: usage.size,
                 inodes: usage.inodes,
             });
-            // The committed record first and the active one's removal last: see
-            // `repair_split_commits` for why that order is enough without a batch.
             let mut ops = vec![(snapshot_key(name), Some(encode(&record)?))];
             if let Some(parent) = &record.parent {
                 let pid = self
@@ -667,14 +653,7 @@ impl SnapshotStore {
                 ops.push((child_key(pid, record.id), Some(name.as_bytes().to_vec())));
             }
             ops.push((snapshot_key(key), None));
-            match &self.backing {
-                Backing::Own(_) => self.apply(ops)?,
-                Backing::Shared(_) => {
-                    for op in ops {
-                        self.apply(vec![op])?;
-                    }
-                }
-            }
+            self.apply(ops)?;
             record.id
         };
         self.flush()?;
