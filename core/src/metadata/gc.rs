@@ -253,8 +253,8 @@ fn collectible(node: &Node) -> bool {
 }
 
 impl Metadata {
-    /// Removes the backend snapshots of `name` that no namespace records, children first,
-    /// then lets the backend clean up.
+    /// Removes the backend snapshots of `name` that no namespace records, children first.
+    /// The caller lets the backend clean up afterwards.
     async fn sweep_snapshotter(
         &self,
         name: &str,
@@ -306,9 +306,6 @@ impl Metadata {
                 }
             }
             dead = rest;
-        }
-        if removed > 0 {
-            backend.cleanup(&cx).await?;
         }
         Ok(removed)
     }
@@ -391,8 +388,22 @@ impl Metadata {
                 }
             }
         }
+        let mut to_clean = Vec::new();
         for (name, backend) in &self.snapshot_backends {
-            report.snapshots_removed += self.sweep_snapshotter(name, backend).await?;
+            let removed = self.sweep_snapshotter(name, backend).await?;
+            if removed > 0 {
+                to_clean.push(backend);
+            }
+            report.snapshots_removed += removed;
+        }
+        // A backend's cleanup (removing the directories of the snapshots it no longer
+        // records) concerns only what it has already forgotten, and ids are never reused: it
+        // needs no lock of ours, so Prepare and Commit go on meanwhile instead of waiting
+        // behind the slowest part of a collection.
+        drop(_gc);
+        let cx = CallContext::default();
+        for backend in to_clean {
+            backend.cleanup(&cx).await?;
         }
         report.duration = started.elapsed();
         tracing::debug!(

@@ -11,6 +11,10 @@
 //!                      is inside: the tree itself for native, fs/ and work/ for overlay)
 //!   staging/new-<n>/   a snapshot being created: filled here (a copy can be slow), then
 //!                      renamed to snapshots/<id> under the metadata lock; emptied on open
+//!   staging/spare-<n>/ a directory made ahead of time for the next creation that copies
+//!                      nothing from a parent (see [`Layout::spare_fits`])
+//!   staging/gc-<n>/    a directory no snapshot uses, moved here by Cleanup under the
+//!                      metadata lock and deleted after it
 //! ```
 //!
 //! Creation fills a staging directory without holding the metadata lock, then re-checks the
@@ -79,6 +83,19 @@ pub trait Layout: Send + Sync + 'static {
         Ok(())
     }
 
+    /// Whether a snapshot of `kind` on `parent_ids` can start from a spare directory: one
+    /// [`Layout::populate`] made ahead of time for an active snapshot without parents, then
+    /// finished by [`Layout::adopt_spare`]. Only for what copies nothing from a parent.
+    fn spare_fits(&self, _kind: SnapshotKind, _parent_ids: &[u64]) -> bool {
+        false
+    }
+
+    /// Finishes the spare directory `dir` for a snapshot on `parent_ids` (see
+    /// [`Layout::spare_fits`]).
+    fn adopt_spare(&self, _paths: &Paths, _parent_ids: &[u64], _dir: &Path) -> Result<()> {
+        Ok(())
+    }
+
     /// Creates `dir` (it does not exist yet) with what the new snapshot starts with.
     fn populate(
         &self,
@@ -111,7 +128,15 @@ struct Engine<L> {
     options: EngineOptions,
     store: SnapshotStore,
     staging_seq: AtomicU64,
+    /// Directories made ahead of time in staging for the next creations (see
+    /// [`Layout::spare_fits`]): a Prepare then only renames one into place, and making the
+    /// next one overlaps the reply instead of delaying it.
+    spares: std::sync::Mutex<Vec<PathBuf>>,
+    refilling: std::sync::atomic::AtomicBool,
 }
+
+/// Spare directories an engine keeps ready.
+const SPARES: usize = 2;
 
 /// A snapshotter over directories under one root, shaped by a [`Layout`].
 ///
@@ -234,6 +259,8 @@ impl<L: Layout> DirSnapshotter<L> {
                         options,
                         store,
                         staging_seq: AtomicU64::new(0),
+                        spares: std::sync::Mutex::new(Vec::new()),
+                        refilling: std::sync::atomic::AtomicBool::new(false),
                     }))
                 })
             })
@@ -248,6 +275,30 @@ impl<L: Layout> DirSnapshotter<L> {
         let engine = self.engine().await?;
         blocking(move || f(&engine)).await
     }
+
+    /// Creates a snapshot, then has the spare directories topped up in the background.
+    async fn create(
+        &self,
+        kind: SnapshotKind,
+        key: &str,
+        parent: Option<&str>,
+        labels: Labels,
+    ) -> Result<Vec<Mount>> {
+        let key = owned(key);
+        let parent = parent.map(owned);
+        let (mounts, spare_fits) = self
+            .run(move |e| e.create(kind, &key, parent.as_deref(), labels))
+            .await?;
+        if spare_fits {
+            let engine = self.engine().await?;
+            if engine.spares_short() {
+                // Detached: the reply does not wait for it, and a failure only means the next
+                // creation makes its directory itself.
+                drop(tokio::task::spawn_blocking(move || engine.refill_spares()));
+            }
+        }
+        Ok(mounts)
+    }
 }
 
 impl<L: Layout> Engine<L> {
@@ -258,23 +309,38 @@ impl<L: Layout> Engine<L> {
         info
     }
 
+    /// Creates the snapshot; also says whether it could have used a spare directory.
     fn create(
         &self,
         kind: SnapshotKind,
         key: &str,
         parent: Option<&str>,
         labels: Labels,
-    ) -> Result<Vec<Mount>> {
+    ) -> Result<(Vec<Mount>, bool)> {
         let parent = parent.filter(|p| !p.is_empty());
         let parent_ids = self.store.check_create(key, parent)?;
         self.layout.check(&self.paths, kind, &parent_ids)?;
+        let spare_fits = self.layout.spare_fits(kind, &parent_ids);
         let staged = if self.layout.needs_dir(kind, &parent_ids) {
-            let n = self.staging_seq.fetch_add(1, Ordering::Relaxed);
-            let dir = self.paths.staging().join(format!("new-{n}"));
-            if let Err(e) = self.layout.populate(&self.paths, kind, &parent_ids, &dir) {
-                remove_logged(&dir);
-                return Err(e);
-            }
+            let spare = if spare_fits { self.take_spare() } else { None };
+            let dir = match spare {
+                Some(dir) => {
+                    if let Err(e) = self.layout.adopt_spare(&self.paths, &parent_ids, &dir) {
+                        remove_logged(&dir);
+                        return Err(e);
+                    }
+                    dir
+                }
+                None => {
+                    let n = self.staging_seq.fetch_add(1, Ordering::Relaxed);
+                    let dir = self.paths.staging().join(format!("new-{n}"));
+                    if let Err(e) = self.layout.populate(&self.paths, kind, &parent_ids, &dir) {
+                        remove_logged(&dir);
+                        return Err(e);
+                    }
+                    dir
+                }
+            };
             Some(dir)
         } else {
             None
@@ -309,7 +375,7 @@ impl<L: Layout> Engine<L> {
             Ok(())
         });
         match created {
-            Ok(snapshot) => Ok(self.layout.mounts(&self.paths, &snapshot)),
+            Ok(snapshot) => Ok((self.layout.mounts(&self.paths, &snapshot), spare_fits)),
             Err(e) => {
                 if let Some(dir) = &staged {
                     remove_logged(dir);
@@ -319,7 +385,52 @@ impl<L: Layout> Engine<L> {
         }
     }
 
-    /// Directories under `snapshots/` that belong to no snapshot.
+    fn take_spare(&self) -> Option<PathBuf> {
+        self.spares
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .pop()
+    }
+
+    fn spares_short(&self) -> bool {
+        self.spares
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .len()
+            < SPARES
+    }
+
+    /// Makes spare directories until [`SPARES`] are ready; one refill at a time.
+    fn refill_spares(&self) {
+        if self.refilling.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        while self.spares_short() {
+            let n = self.staging_seq.fetch_add(1, Ordering::Relaxed);
+            let dir = self.paths.staging().join(format!("spare-{n}"));
+            match self
+                .layout
+                .populate(&self.paths, SnapshotKind::Active, &[], &dir)
+            {
+                Ok(()) => self
+                    .spares
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .push(dir),
+                Err(e) => {
+                    remove_logged(&dir);
+                    tracing::debug!(error = %e, "cannot make a spare snapshot directory; creations make their own");
+                    break;
+                }
+            }
+        }
+        self.refilling.store(false, Ordering::Release);
+    }
+
+    /// Moves the directories under `snapshots/` that belong to no snapshot into staging and
+    /// returns their new paths. The move happens while no writer can record a snapshot: after
+    /// a crash an id can be handed out again, and a creation taking such an id must not see
+    /// its new directory removed by a cleanup that listed the old one.
     fn orphans(&self) -> Result<Vec<PathBuf>> {
         let dir = self.paths.snapshots();
         self.store.with_ids(|ids| {
@@ -333,14 +444,24 @@ impl<L: Layout> Engine<L> {
                     .to_str()
                     .and_then(|n| n.parse::<u64>().ok())
                     .is_some_and(|id| ids.contains(&id));
-                if !known {
-                    out.push(entry.path());
+                if known {
+                    continue;
+                }
+                let n = self.staging_seq.fetch_add(1, Ordering::Relaxed);
+                let aside = self.paths.staging().join(format!("gc-{n}"));
+                match std::fs::rename(entry.path(), &aside) {
+                    Ok(()) => out.push(aside),
+                    Err(e) => {
+                        tracing::warn!(path = %entry.path().display(), error = %e, "cannot move an unused snapshot directory aside; the next cleanup tries again");
+                    }
                 }
             }
             Ok(out)
         })
     }
 
+    /// Removes what no snapshot uses; the slow part, deleting the trees, runs without the
+    /// writer lock (what a crash leaves in staging goes when the store next opens).
     fn cleanup(&self) -> Result<()> {
         for dir in self.orphans()? {
             remove_logged(&dir);
@@ -428,10 +549,7 @@ impl<L: Layout> Snapshotter for DirSnapshotter<L> {
         parent: Option<&str>,
         labels: Labels,
     ) -> Result<Vec<Mount>> {
-        let key = owned(key);
-        let parent = parent.map(owned);
-        self.run(move |e| e.create(SnapshotKind::Active, &key, parent.as_deref(), labels))
-            .await
+        self.create(SnapshotKind::Active, key, parent, labels).await
     }
 
     async fn view(
@@ -441,10 +559,7 @@ impl<L: Layout> Snapshotter for DirSnapshotter<L> {
         parent: Option<&str>,
         labels: Labels,
     ) -> Result<Vec<Mount>> {
-        let key = owned(key);
-        let parent = parent.map(owned);
-        self.run(move |e| e.create(SnapshotKind::View, &key, parent.as_deref(), labels))
-            .await
+        self.create(SnapshotKind::View, key, parent, labels).await
     }
 
     async fn commit(&self, _cx: &CallContext, name: &str, key: &str, labels: Labels) -> Result<()> {

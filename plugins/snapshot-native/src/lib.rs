@@ -44,6 +44,11 @@ impl Layout for NativeLayout {
         kind == SnapshotKind::Active || parent_ids.is_empty()
     }
 
+    fn spare_fits(&self, _kind: SnapshotKind, parent_ids: &[u64]) -> bool {
+        // Without a parent there is nothing to copy: an empty directory either way.
+        parent_ids.is_empty()
+    }
+
     fn populate(
         &self,
         paths: &Paths,

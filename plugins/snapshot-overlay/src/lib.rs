@@ -189,7 +189,7 @@ impl Layout for OverlayLayout {
         parent_ids: &[u64],
         dir: &Path,
     ) -> Result<()> {
-        use std::os::unix::fs::{DirBuilderExt, MetadataExt};
+        use std::os::unix::fs::DirBuilderExt;
         let mkdir = |path: &Path, mode: u32| {
             std::fs::DirBuilder::new()
                 .mode(mode)
@@ -202,9 +202,21 @@ impl Layout for OverlayLayout {
         if kind == SnapshotKind::Active {
             mkdir(&dir.join("work"), 0o711)?;
         }
+        self.adopt_spare(paths, parent_ids, dir)
+    }
+
+    fn spare_fits(&self, kind: SnapshotKind, _parent_ids: &[u64]) -> bool {
+        // An active snapshot's directories do not depend on its parents (only the owner of
+        // its upper dir does, set by `adopt_spare`).
+        kind == SnapshotKind::Active
+    }
+
+    fn adopt_spare(&self, paths: &Paths, parent_ids: &[u64], dir: &Path) -> Result<()> {
+        use std::os::unix::fs::MetadataExt;
         if let Some(&parent) = parent_ids.first() {
             // As containerd: the upper dir's root gets the owner of the parent's root, so the
             // merged root keeps it (overlay shows the upper dir's root attributes).
+            let fs = dir.join("fs");
             let parent_fs = Self::fs(paths, parent);
             let meta = std::fs::metadata(&parent_fs)
                 .map_err(|e| FsError::new("stat parent", &parent_fs, e))?;
