@@ -233,12 +233,17 @@ fn read_entries(source: StreamRead, tx: mpsc::Sender<Event>) -> Result<()> {
     Ok(())
 }
 
-/// Reads the archive from `source` and writes its files into `content`.
+/// Called with each file's cleaned path and digest once it is in the content store.
+pub(crate) type OnStored<'a> = &'a (dyn Fn(&str, &Digest) + Sync);
+
+/// Reads the archive from `source` and writes its files into `content`, telling `on_stored`
+/// of each as it lands (an unpack can start before the archive ends).
 pub(crate) async fn ingest(
     content: &dyn ContentStore,
     cx: &CallContext,
     mut source: ByteStream,
     progress: &dyn ProgressSink,
+    on_stored: OnStored<'_>,
 ) -> Result<ArchiveContents> {
     let (bytes_tx, bytes_rx) = mpsc::channel(8);
     let pump = tokio::spawn(async move {
@@ -260,7 +265,7 @@ pub(crate) async fn ingest(
             tx,
         )
     });
-    let result = consume(content, cx, &mut rx, progress).await;
+    let result = consume(content, cx, &mut rx, progress, on_stored).await;
     // Unblock the reader if the consumer stopped early: it may wait to send an entry (closing
     // `rx` fails the send) or for more bytes (stopping the pump ends its input).
     drop(rx);
@@ -299,6 +304,7 @@ async fn consume(
     cx: &CallContext,
     rx: &mut mpsc::Receiver<Event>,
     progress: &dyn ProgressSink,
+    on_stored: OnStored<'_>,
 ) -> Result<ArchiveContents, Stop> {
     let mut out = ArchiveContents::default();
     while let Some(event) = rx.recv().await {
@@ -324,6 +330,7 @@ async fn consume(
                 expected,
             } => {
                 let digest = write_entry(content, cx, rx, &path, size, expected, progress).await?;
+                on_stored(&path, &digest);
                 out.blobs.insert(path, (digest, size));
             }
             Event::Chunk(_) | Event::BlobEnd => {

@@ -64,6 +64,13 @@ pub enum Error {
         /// The digest the differ computed.
         actual: Digest,
     },
+    /// A blob an unpack waited for never arrived: the fetch or the archive stopped first (its
+    /// own error, or the missing blob, is what the transfer reports).
+    #[error("the transfer stopped before {digest} was stored")]
+    NotArrived {
+        /// The blob waited for.
+        digest: Digest,
+    },
     /// An error of the core or of another plugin (content store, snapshotter, differ,
     /// metadata), passed through with its kind.
     #[error(transparent)]
@@ -86,6 +93,7 @@ impl Classify for Error {
             | Error::InvalidBlob { .. }
             | Error::DiffId { .. } => ErrorKind::InvalidArgument,
             Error::NoMatchingPlatform(_) => ErrorKind::NotFound,
+            Error::NotArrived { .. } => ErrorKind::Aborted,
             Error::Core(e) => e.kind(),
         }
     }

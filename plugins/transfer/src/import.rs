@@ -18,7 +18,9 @@
 //!    and layers, else the import fails naming the missing blob. A selection that keeps no
 //!    manifest fails (NotFound).
 //! 4. Kept manifests whose config platform an [`UnpackTarget`] accepts are unpacked
-//!    ([`crate::unpack`]).
+//!    ([`crate::unpack`]). An OCI layout's are unpacked while the archive is still being
+//!    stored: the same selection is walked as index.json and the manifests land, and each
+//!    layer is applied as soon as it is in (containerd unpacks after the whole archive).
 //! 5. Image records are written last, as containerd's image store does: the whole index under
 //!    [`ImportOptions::index_name`] if given; each of the archive's top-level manifests under
 //!    the names its annotations and the [`ImageReference`]s give. Create, and Update when the
@@ -28,7 +30,7 @@
 //! name while written; top-level manifests that platform selection dropped get no image
 //! record (containerd writes one whose content it then lets the collector take); xz works.
 
-use std::collections::{HashSet, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::SystemTime;
 
@@ -50,7 +52,7 @@ use crate::platform::PlatformSelection;
 use crate::progress::{self, Progress, ProgressSink};
 use crate::reference;
 use crate::store;
-use crate::unpack::{self, UnpackReport, UnpackTarget};
+use crate::unpack::{self, Arrivals, UnpackReport, UnpackTarget};
 
 /// Annotation marking an index entry whose names come from its annotations.
 const REF_SOURCE: &str = "io.containerd.import.ref-source";
@@ -255,14 +257,55 @@ pub async fn import(
     with_lease(stores, cx, |cx| async move {
         progress.report(Progress::status(progress::IMPORTING));
         let content = stores.content.as_ref();
-        let contents = archive::ingest(content, &cx, source, progress).await?;
+        // An OCI layout's layers are applied while the rest of the archive is still being
+        // stored: once index.json, the manifest and its config are in, each layer goes as
+        // soon as it lands (archives list blobs by digest, not in layer order).
+        let arrivals = Arrivals::new();
+        let (index_tx, index_rx) = tokio::sync::watch::channel(None);
+        let ingest = async {
+            let on_stored = |path: &str, digest: &Digest| {
+                arrivals.stored(digest);
+                if path == "index.json" {
+                    index_tx.send_replace(Some(digest.clone()));
+                }
+            };
+            let result = archive::ingest(content, &cx, source, progress, &on_stored).await;
+            // Nothing more arrives: an unpack waiting for a blob the archive lacked stops.
+            arrivals.failed();
+            drop(index_tx);
+            result
+        };
+        let early = unpack_as_stored(
+            content,
+            &cx,
+            index_rx,
+            &arrivals,
+            &options.platforms,
+            unpacks,
+            progress,
+        );
+        let (contents, early) = tokio::join!(ingest, early);
+        // The archive's own errors first (an unpack may have stopped because of them), then
+        // the unpack's.
+        let contents = contents?;
         let compression = contents.compression.unwrap_or(Compression::Uncompressed);
         let index = resolve_index(content, &cx, contents, options.force_compress).await?;
-        let walked = walk(content, &cx, &index, &options.platforms).await?;
+        let walked = walk(content, &cx, &index, &options.platforms, None).await?;
+        let mut early = match early {
+            Ok(done) => done,
+            // The archive lacked a blob its index.json led to, yet the walk above found all
+            // it needs (the archive is read as a Docker archive): unpack below as usual.
+            Err(Error::NotArrived { .. }) => HashMap::new(),
+            Err(e) => return Err(e),
+        };
 
         let mut unpacked = Vec::new();
         if !unpacks.is_empty() {
             for manifest in &walked.manifests {
+                if let Some(report) = early.remove(&manifest.digest) {
+                    unpacked.push(report);
+                    continue;
+                }
                 let (_, config) = unpack::read_config(content, &cx, manifest).await?;
                 if let Some(target) = unpacks.iter().find(|t| t.accepts(&config.platform)) {
                     unpacked.push(unpack::unpack(content, &cx, target, manifest, progress).await?);
@@ -508,6 +551,47 @@ async fn compress_layer(
     ))
 }
 
+/// Unpacks the images of an OCI layout while its archive is being stored (see [`import`]):
+/// waits for index.json (`index` is closed when the archive ends without one), walks it as
+/// the blobs arrive and unpacks each selected manifest into the first target accepting its
+/// platform, layer by layer as `arrivals` reports them stored. Returns the reports by
+/// manifest digest; [`Error::NotArrived`] when the archive ended before a blob it needed.
+async fn unpack_as_stored(
+    content: &dyn ContentStore,
+    cx: &CallContext,
+    mut index: tokio::sync::watch::Receiver<Option<Digest>>,
+    arrivals: &Arrivals,
+    platforms: &PlatformSelection,
+    unpacks: &[UnpackTarget],
+    progress: &dyn ProgressSink,
+) -> Result<HashMap<Digest, UnpackReport>> {
+    let mut done = HashMap::new();
+    if unpacks.is_empty() {
+        return Ok(done);
+    }
+    let Ok(digest) = index.wait_for(Option::is_some).await.map(|d| d.clone()) else {
+        return Ok(done);
+    };
+    let Some(digest) = digest else {
+        return Ok(done);
+    };
+    let root = Descriptor::new(media::OCI_INDEX, digest, 0);
+    let walked = walk(content, cx, &root, platforms, Some(arrivals)).await?;
+    for manifest in &walked.manifests {
+        let bytes = store::read_document(content, cx, &manifest.digest).await?;
+        let config = oci::parse_manifest(&bytes, &manifest.digest)?.config;
+        arrivals.wait(&config.digest).await?;
+        let (_, config) = unpack::read_config(content, cx, manifest).await?;
+        if let Some(target) = unpacks.iter().find(|t| t.accepts(&config.platform)) {
+            let report =
+                unpack::unpack_as_fetched(content, cx, target, manifest, progress, arrivals)
+                    .await?;
+            done.insert(manifest.digest.clone(), report);
+        }
+    }
+    Ok(done)
+}
+
 /// What walking the index found.
 #[derive(Debug, Default)]
 struct Walked {
@@ -517,11 +601,15 @@ struct Walked {
     manifests: Vec<Descriptor>,
 }
 
+/// Walks the index from `index` and keeps what `platforms` selects. With `gate` (while the
+/// archive is still being stored) each index and manifest is read once it has arrived, and
+/// nothing is labelled or checked: the walk after the archive is complete does that.
 async fn walk(
     content: &dyn ContentStore,
     cx: &CallContext,
     index: &Descriptor,
     platforms: &PlatformSelection,
+    gate: Option<&Arrivals>,
 ) -> Result<Walked> {
     let mut out = Walked::default();
     let mut seen = HashSet::new();
@@ -538,19 +626,24 @@ async fn walk(
             // Configs, layers and unknown types have no children.
             continue;
         };
+        if let Some(gate) = gate {
+            gate.wait(&desc.digest).await?;
+        }
         let bytes = store::read_document(content, cx, &desc.digest)
             .await
             .map_err(|e| missing(e, what, &desc.digest, &parent))?;
         let name = format!("{what} {}", desc.digest);
         if what == "index" {
             let parsed = oci::parse_index(&bytes, &desc.digest)?;
-            store::set_labels(
-                content,
-                cx,
-                &desc.digest,
-                media::children_gc_labels(&parsed.manifests),
-            )
-            .await?;
+            if gate.is_none() {
+                store::set_labels(
+                    content,
+                    cx,
+                    &desc.digest,
+                    media::children_gc_labels(&parsed.manifests),
+                )
+                .await?;
+            }
             let kept: Vec<Descriptor> = parsed
                 .manifests
                 .into_iter()
@@ -565,6 +658,10 @@ async fn walk(
             queue.extend(kept.into_iter().map(|m| (m, name.clone(), false)));
         } else {
             let parsed = oci::parse_manifest(&bytes, &desc.digest)?;
+            if gate.is_some() {
+                out.manifests.push(desc);
+                continue;
+            }
             let mut children = vec![parsed.config.clone()];
             children.extend(parsed.layers.iter().cloned());
             store::set_labels(

@@ -143,9 +143,10 @@ fn missing(e: Error, what: &str, digest: &Digest, manifest: &Digest) -> Error {
     }
 }
 
-/// Which blobs of a pull are in the content store so far, for an unpack running alongside
-/// the fetch: the fetch marks each blob as it lands (or was there already), and marks the whole
-/// set failed when a download fails, so nothing waits for a blob that will never come.
+/// Which blobs of a pull (or an archive import) are in the content store so far, for an
+/// unpack running alongside the fetch: the fetch marks each blob as it lands (or was there
+/// already), and marks the whole set failed when a download fails or the archive ends, so
+/// nothing waits for a blob that will never come.
 #[derive(Clone, Default)]
 pub struct Arrivals {
     state: Arc<tokio::sync::watch::Sender<ArrivalState>>,
@@ -176,7 +177,8 @@ impl Arrivals {
         });
     }
 
-    /// A download failed: waiters stop waiting (the fetch reports the error).
+    /// A download failed, or nothing more will arrive: waiters for blobs not stored stop
+    /// waiting (the fetch reports the error).
     pub fn failed(&self) {
         self.state.send_modify(|s| s.failed = true);
     }
@@ -190,10 +192,9 @@ impl Arrivals {
             .map(|s| !s.stored.contains(digest));
         match result {
             Ok(false) => Ok(()),
-            _ => Err(Error::Core(berth_core::Error::new(
-                ErrorKind::Aborted,
-                format!("the fetch stopped before {digest} was stored"),
-            ))),
+            _ => Err(Error::NotArrived {
+                digest: digest.clone(),
+            }),
         }
     }
 }
@@ -487,13 +488,18 @@ mod tests {
         // Stored before the wait: no waiting at all.
         arrivals.wait(&b).await.expect("already stored");
         let c = digest('c');
+        let digest_c = c.clone();
         let waiter = {
             let arrivals = arrivals.clone();
             tokio::spawn(async move { arrivals.wait(&c).await })
         };
         arrivals.failed();
         let err = waiter.await.expect("join").expect_err("the fetch failed");
-        assert!(err.to_string().contains("fetch stopped"), "{err}");
+        assert!(
+            matches!(&err, Error::NotArrived { digest } if *digest == digest_c),
+            "{err}"
+        );
+        assert_eq!(err.kind(), ErrorKind::Aborted);
         // What was stored before the failure still counts.
         arrivals.wait(&a).await.expect("stored before the failure");
     }

@@ -333,3 +333,114 @@ async fn unpack_reports_progress_per_layer() {
         ]
     );
 }
+
+/// An OCI archive of `img` in this entry order: layout, index, manifest, config, then the
+/// layers; split so that the first part ends after layer 0.
+fn archive_split_after_first_layer(img: &TestImage) -> (Vec<u8>, Vec<u8>) {
+    let index = format!(
+        "{{\"schemaVersion\":2,\"manifests\":[{}]}}",
+        img.descriptor_json(&[("io.containerd.image.name", NAME)])
+    );
+    let blob = |data: &[u8]| format!("blobs/sha256/{}", Digest::sha256_of(data).hex());
+    let mut b = tar::Builder::new(Vec::new());
+    append_file(&mut b, "oci-layout", br#"{"imageLayoutVersion":"1.0.0"}"#);
+    append_file(&mut b, "index.json", index.as_bytes());
+    append_file(&mut b, &blob(&img.manifest), &img.manifest);
+    append_file(&mut b, &blob(&img.config), &img.config);
+    append_file(&mut b, &blob(&img.layers[0]), &img.layers[0]);
+    let split = b.get_ref().len();
+    for layer in &img.layers[1..] {
+        append_file(&mut b, &blob(layer), layer);
+    }
+    let mut all = b.into_inner().expect("tar");
+    let rest = all.split_off(split);
+    (all, rest)
+}
+
+#[tokio::test]
+async fn an_oci_archive_is_unpacked_while_it_is_still_arriving() {
+    let rig = Rig::new();
+    let img = image();
+    let (head, tail) = archive_split_after_first_layer(&img);
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    tx.send(Ok(head)).await.expect("send head");
+    let options = ImportOptions {
+        platforms: PlatformSelection::All,
+        references: vec![ImageReference::named_prefix("import", true)],
+        ..ImportOptions::default()
+    };
+    let target = rig.target();
+    let cx = rig.f.cx("default");
+    let import = import::import(
+        &rig.f.stores,
+        &cx,
+        Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx)),
+        &options,
+        std::slice::from_ref(&target),
+        &NoProgress,
+    );
+    tokio::pin!(import);
+    // The rest of the archive is held back until the first layer has been applied.
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        tokio::select! {
+            done = &mut import => panic!("the import ended with half an archive: {done:?}"),
+            () = tokio::time::sleep(std::time::Duration::from_millis(5)) => {}
+        }
+        if !rig.differ.calls().is_empty() {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no layer was applied while the archive was still arriving"
+        );
+    }
+    assert_eq!(
+        rig.differ.calls()[0].layer,
+        Digest::sha256_of(&img.layers[0])
+    );
+    assert_eq!(rig.differ.calls().len(), 1, "only the layer that arrived");
+    tx.send(Ok(tail)).await.expect("send tail");
+    drop(tx);
+    let report = import.await.expect("import");
+    assert_eq!(report.unpacked.len(), 1);
+    assert_eq!(
+        (report.unpacked[0].applied, report.unpacked[0].skipped),
+        (3, 0)
+    );
+    let applied: Vec<Digest> = rig.differ.calls().into_iter().map(|c| c.layer).collect();
+    let layers: Vec<Digest> = img.layers.iter().map(|l| Digest::sha256_of(l)).collect();
+    assert_eq!(applied, layers, "each layer once, in order");
+}
+
+#[tokio::test]
+async fn an_archive_ending_before_a_layer_names_the_missing_layer() {
+    let rig = Rig::new();
+    let img = image();
+    let (head, _) = archive_split_after_first_layer(&img);
+    // A complete tar stream (end-of-archive blocks) that lacks layers 1 and 2.
+    let mut truncated_tar = head;
+    truncated_tar.extend_from_slice(&[0u8; 1024]);
+    let options = ImportOptions {
+        platforms: PlatformSelection::All,
+        references: vec![ImageReference::named_prefix("import", true)],
+        ..ImportOptions::default()
+    };
+    let err = import::import(
+        &rig.f.stores,
+        &rig.f.cx("default"),
+        source(truncated_tar),
+        &options,
+        &[rig.target()],
+        &NoProgress,
+    )
+    .await
+    .expect_err("layers are missing");
+    let missing = Digest::sha256_of(&img.layers[1]).to_string();
+    assert!(
+        matches!(err, Error::Missing { .. }) && err.to_string().contains(&missing),
+        "{err}"
+    );
+    assert_eq!(err.kind(), ErrorKind::InvalidArgument);
+    assert!(rig.f.image_names("default").is_empty(), "no image is left");
+}

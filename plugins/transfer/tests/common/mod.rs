@@ -253,7 +253,7 @@ impl TestImage {
     }
 }
 
-fn append_file(b: &mut tar::Builder<Vec<u8>>, name: &str, data: &[u8]) {
+pub fn append_file(b: &mut tar::Builder<Vec<u8>>, name: &str, data: &[u8]) {
     let mut h = tar::Header::new_ustar();
     h.set_size(data.len() as u64);
     h.set_mode(0o444);
