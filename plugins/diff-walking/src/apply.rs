@@ -1,5 +1,7 @@
 //! The apply loop: reading entries, creating them beneath the root, whiteouts, metadata.
 
+mod files;
+
 use std::cell::{Cell, RefCell};
 use std::collections::HashSet;
 use std::fs::File;
@@ -94,9 +96,12 @@ pub fn apply<R: Read + Send>(
             state: state.clone(),
             limit: options.max_uncompressed_bytes,
         };
+        let files =
+            files::Files::start(scope, options).map_err(|source| Error::Source { source })?;
         apply_stream(
             meter,
             decoding,
+            files,
             tree,
             inherit,
             &state,
@@ -113,6 +118,7 @@ pub fn apply<R: Read + Send>(
 fn apply_stream(
     meter: Meter<ChunkReader>,
     decoding: std::thread::ScopedJoinHandle<'_, Option<Digest>>,
+    files: files::Files<'_>,
     tree: Tree,
     inherit: Inherit,
     state: &Rc<StreamState>,
@@ -133,6 +139,7 @@ fn apply_stream(
         ignored: Ignored::default(),
         file_bytes: 0,
         buffer: vec![0; COPY_BUFFER],
+        files: Some(files),
     };
 
     let mut entries_read = 0u64;
@@ -161,6 +168,7 @@ fn apply_stream(
             let headers = state.headers.take();
             let headers = EntryHeaders::parse(&headers, header_start)
                 .map_err(|reason| Error::refused(&name, reason))?;
+            applier.ignored.entry = entries_read;
             applier.entry(&mut entry, &raw, &name, &headers)?;
             // Data of entries that have none for us (a directory with a size) is skipped
             // here rather than inside the parser, so it never counts as header data.
@@ -169,6 +177,10 @@ fn apply_stream(
             entries_read += 1;
             last = Some(name);
         }
+    }
+    if let Some(files) = applier.files.take() {
+        let ignored = files.finish()?;
+        applier.ignored.merge(ignored);
     }
     applier.finish_directories()?;
 
@@ -204,7 +216,7 @@ fn apply_stream(
         uncompressed_size: state.pos.get(),
         compression,
         entries: entries_read,
-        ignored_xattrs: applier.ignored.list,
+        ignored_xattrs: applier.ignored.list.into_iter().map(|(_, i)| i).collect(),
         ignored_xattr_count: applier.ignored.count,
     })
 }
@@ -401,7 +413,7 @@ struct DirTimes {
     mtime: TimeSpec,
 }
 
-struct Applier<'o> {
+struct Applier<'o, 's> {
     options: &'o ApplyOptions,
     tree: Tree,
     inherit: Inherit,
@@ -416,9 +428,11 @@ struct Applier<'o> {
     /// Regular file bytes written, bounded like the stream (sparse entries can expand).
     file_bytes: u64,
     buffer: Vec<u8>,
+    /// The helper creating small files (see `files`); None once finished.
+    files: Option<files::Files<'s>>,
 }
 
-impl Applier<'_> {
+impl Applier<'_, '_> {
     /// The error for a failed read of the stream: what the readers observed decides.
     fn stream_error(&self, source: io::Error, place: &Place<'_>) -> Error {
         if self.state.limit_hit.get() {
@@ -499,6 +513,20 @@ impl Applier<'_> {
             ));
         }
 
+        if let Some(files) = self.files.as_mut() {
+            let by_path = match kind {
+                _ if whiteout.is_some() => false,
+                Kind::Dir => true,
+                Kind::File => entry.size() <= files::MAX_SIZE,
+                _ => false,
+            };
+            if by_path {
+                files.wait_for_path(&rel)?;
+            } else {
+                files.settle()?;
+            }
+        }
+
         if let Err(e) = self.tree.walk(&parents, Some(&self.inherit)) {
             // A whiteout (or opaque marker) below a symlink this layer created names nothing:
             // the symlink replaced whatever the lower layers had at that path. umoci writes
@@ -531,7 +559,7 @@ impl Applier<'_> {
 
         match kind {
             Kind::Dir => self.directory(&rel, base, &meta, name)?,
-            Kind::File => self.file(entry, base, &meta, name)?,
+            Kind::File => self.file(entry, &rel, base, meta, name)?,
             Kind::Symlink => {
                 self.symlink(entry, base, &meta, name)?;
                 self.symlinks.insert(rel.clone());
@@ -673,8 +701,9 @@ impl Applier<'_> {
     fn file<R: Read>(
         &mut self,
         entry: &mut tar::Entry<'_, R>,
+        rel: &[u8],
         base: &[u8],
-        meta: &Meta,
+        meta: Meta,
         name: &str,
     ) -> Result<()> {
         let size = entry.size();
@@ -688,6 +717,19 @@ impl Applier<'_> {
         }
         self.file_bytes += size;
         let dir = self.tree.dir();
+        if let Some(files) = self.files.as_mut()
+            && size <= files::MAX_SIZE
+        {
+            let mut data = Vec::with_capacity(size as usize);
+            if let Err(e) = entry.read_to_end(&mut data) {
+                return Err(self.stream_error(e, &Place::In(name)));
+            }
+            check_file_size(data.len() as u64, size, name)?;
+            let dir = dir
+                .try_clone_to_owned()
+                .map_err(|e| Error::fs(name, "duplicate directory descriptor", e))?;
+            return files.send(self.ignored.entry, rel, dir, base, data, meta, name);
+        }
         let flags =
             OFlag::O_WRONLY | OFlag::O_CREAT | OFlag::O_EXCL | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC;
         // Mode 0600 until the final chmod, which happens after chown (chown clears setuid).
@@ -713,22 +755,13 @@ impl Applier<'_> {
                 .map_err(|e| Error::fs(name, "write file", e))?;
             written += n as u64;
         }
-        if written != size {
-            // The parser ends an entry's data quietly at the end of the stream.
-            return Err(Error::Corrupt {
-                at: Place::In(name).describe(),
-                source: io::Error::new(
-                    io::ErrorKind::UnexpectedEof,
-                    format!("file data ends after {written} of {size} bytes"),
-                ),
-            });
-        }
+        check_file_size(written, size, name)?;
         set_meta(
             self.options,
             &mut self.ignored,
             Node::Fd(file.as_fd()),
             Kind::File,
-            meta,
+            &meta,
             name,
             true,
         )
@@ -914,11 +947,40 @@ impl Applier<'_> {
     }
 }
 
+/// The parser ends an entry's data quietly at the end of the stream: a file shorter than its
+/// header says is a corrupt layer.
+fn check_file_size(written: u64, size: u64, name: &str) -> Result<()> {
+    if written == size {
+        return Ok(());
+    }
+    Err(Error::Corrupt {
+        at: Place::In(name).describe(),
+        source: io::Error::new(
+            io::ErrorKind::UnexpectedEof,
+            format!("file data ends after {written} of {size} bytes"),
+        ),
+    })
+}
+
 /// The layer's xattrs that were skipped.
 #[derive(Default)]
 struct Ignored {
-    list: Vec<IgnoredXattr>,
+    /// With the number of the entry each came from, to report them in archive order (the
+    /// file helper keeps a list of its own).
+    list: Vec<(u64, IgnoredXattr)>,
     count: u64,
+    /// The number of the entry being applied.
+    entry: u64,
+}
+
+impl Ignored {
+    /// Adds what another thread skipped, keeping archive order and the report's bound.
+    fn merge(&mut self, other: Ignored) {
+        self.count += other.count;
+        self.list.extend(other.list);
+        self.list.sort_by_key(|(entry, _)| *entry);
+        self.list.truncate(MAX_REPORTED_XATTRS);
+    }
 }
 
 /// Owner, then xattrs, then mode, then (unless deferred) times: chown clears setuid bits
@@ -998,11 +1060,14 @@ impl Ignored {
         );
         self.count += 1;
         if self.list.len() < MAX_REPORTED_XATTRS {
-            self.list.push(IgnoredXattr {
-                entry: name.to_owned(),
-                name: key,
-                reason,
-            });
+            self.list.push((
+                self.entry,
+                IgnoredXattr {
+                    entry: name.to_owned(),
+                    name: key,
+                    reason,
+                },
+            ));
         }
         Ok(())
     }

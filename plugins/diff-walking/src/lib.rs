@@ -66,6 +66,15 @@
 //! buffers them. Corrupt or truncated streams fail with [`Error::Corrupt`].
 //!
 //! A failed apply leaves the directory partly written: the caller discards the snapshot.
+//!
+//! # Threads
+//!
+//! Decompression and the diff id's hash run on one helper thread, and small regular files
+//! are created on another while the applying thread reads on (creating files dominates a
+//! layer of many small files). The file helper only creates files in a directory the
+//! applying thread resolved, through its descriptor; before any entry that could see or
+//! change a file still in flight, the applying thread waits for it (see `apply::files`), so
+//! the result is the archive's order.
 
 mod apply;
 mod changes;

@@ -669,3 +669,60 @@ fn sync_fs_after_apply() {
     assert_eq!(report.entries, 1);
     assert_eq!(fs::read(fx.path("f")).expect("read"), b"durable");
 }
+
+#[test]
+fn entries_after_small_files_see_them_created() {
+    // Small files are created by a helper thread while the applier reads on; every later
+    // entry that touches their paths must see the order of the archive.
+    let fx = Fixture::new();
+    let mut layer = Layer::new();
+    layer.dir("m", 0o755);
+    for i in 0..300 {
+        layer.file(&format!("m/f{i:03}"), format!("file {i}").as_bytes());
+    }
+    layer
+        .file(".wh.m", b"")
+        .file("m/again", b"after the whiteout")
+        .file("h/target", b"linked")
+        .hard_link("h/link", "h/target")
+        .file("twice", b"first")
+        .file("twice", b"second")
+        .file("r/f", b"a file first")
+        .dir("r/f", 0o755)
+        .file("r/f/inner", b"then a directory")
+        .file("s/x", b"a file first")
+        .symlink("s/x", "elsewhere");
+    fx.apply(&layer.bytes()).expect("apply");
+    assert_eq!(names(&fx.path("m")), set(&["again"]));
+    assert_eq!(
+        fs::read(fx.path("m/again")).expect("again"),
+        b"after the whiteout"
+    );
+    let target = fs::metadata(fx.path("h/target")).expect("target");
+    let link = fs::metadata(fx.path("h/link")).expect("link");
+    assert_eq!(target.ino(), link.ino(), "one inode");
+    assert_eq!(fs::read(fx.path("h/link")).expect("link"), b"linked");
+    assert_eq!(fs::read(fx.path("twice")).expect("twice"), b"second");
+    assert_eq!(
+        fs::read(fx.path("r/f/inner")).expect("inner"),
+        b"then a directory"
+    );
+    assert_eq!(
+        fs::read_link(fx.path("s/x")).expect("symlink"),
+        std::path::PathBuf::from("elsewhere")
+    );
+    fx.assert_untouched();
+}
+
+#[test]
+fn an_entry_below_a_small_file_is_refused_naming_it() {
+    let fx = Fixture::new();
+    let mut layer = Layer::new();
+    for i in 0..50 {
+        layer.file(&format!("p/f{i:02}"), b"x");
+    }
+    layer.file("p/q", b"a file").file("p/q/r", b"below a file");
+    let err = fx.apply(&layer.bytes()).expect_err("p/q is a file");
+    assert!(err.to_string().contains("p/q/r"), "{err}");
+    fx.assert_untouched();
+}
