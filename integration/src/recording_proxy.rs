@@ -13,8 +13,8 @@
 //!
 //! Misbehaviour, changeable while it runs ([`ProxySettings`]): a rate limit on response bodies
 //! per connection (to make a transfer last long enough to interrupt), `Range` headers stripped
-//! (an upstream that ignores ranges), and a cut of the connection after N body bytes of a
-//! matching path. The upstream socket gets a small receive buffer so that a throttled response
+//! (an upstream that ignores ranges), a cut of the connection after N body bytes of a
+//! matching path, and requests of a matching path held back until released. The upstream socket gets a small receive buffer so that a throttled response
 //! stays mostly in the upstream process, not in kernel buffers: killing the upstream then
 //! really breaks the transfer.
 //!
@@ -58,6 +58,9 @@ pub struct ProxySettings {
     /// Close both connections once this many response body bytes of a request whose path
     /// contains the string were forwarded.
     pub cut: Option<(String, u64)>,
+    /// Hold requests whose path contains the string (before forwarding them) until the
+    /// settings no longer name it.
+    pub hold: Option<String>,
 }
 
 /// One request and its response, as far as it got.
@@ -387,6 +390,14 @@ fn forward(
             "chunked request bodies are not forwarded\n",
         );
         return Ok(());
+    }
+    while shared
+        .settings()
+        .hold
+        .is_some_and(|held| req.target.contains(&held))
+        && !shared.stop.load(Ordering::SeqCst)
+    {
+        thread::sleep(Duration::from_millis(10));
     }
     let mut upstream = match TcpStream::connect(&shared.upstream) {
         Ok(s) => s,
