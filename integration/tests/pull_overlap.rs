@@ -24,6 +24,14 @@ fn multilayer() -> TestImage {
         .expect("building the multi-layer test image")
 }
 
+/// docker-registry holding the image as `REPO_TAG`.
+fn registry_with(image: &TestImage) -> Registry {
+    let reg = Registry::start(RegistryOptions::open()).expect("starting docker-registry");
+    reg.push_tagged(&image.layout, "pull", REPO_TAG)
+        .expect("pushing the image");
+    reg
+}
+
 fn committed_snapshots(d: &Daemon, ns: &str) -> String {
     d.ctr_ok(["-n", ns, "snapshots", "--snapshotter", "overlayfs", "ls"])
         .stdout
@@ -32,9 +40,7 @@ fn committed_snapshots(d: &Daemon, ns: &str) -> String {
 #[test]
 fn layers_below_a_held_back_layer_are_unpacked_before_it_arrives() {
     let image = multilayer();
-    let reg = Registry::start(RegistryOptions::open()).expect("starting docker-registry");
-    reg.push_tagged(&image.layout, "pull", REPO_TAG)
-        .expect("pushing the image");
+    let reg = registry_with(&image);
     let top_layer = image.layer_digests.last().expect("layers").clone();
     let proxy = RecordingProxy::start(
         &reg.host(),
@@ -107,9 +113,7 @@ fn layers_below_a_held_back_layer_are_unpacked_before_it_arrives() {
 #[test]
 fn a_layer_download_that_breaks_fails_the_pull_with_the_download_error() {
     let image = multilayer();
-    let reg = Registry::start(RegistryOptions::open()).expect("starting docker-registry");
-    reg.push_tagged(&image.layout, "pull", REPO_TAG)
-        .expect("pushing the image");
+    let reg = registry_with(&image);
     // The biggest layer, cut after its first bytes on every attempt.
     let (big_layer, _) = image
         .layer_digests
