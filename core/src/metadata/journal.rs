@@ -24,10 +24,10 @@ pub type Op = (Vec<u8>, Option<Vec<u8>>);
 /// Writes `ops` to `tree` so that a crash keeps all or none of them. One op goes as a plain
 /// insert or removal. Call it under the tree's writer lock. Nothing is flushed.
 pub fn apply(tree: &sled::Tree, ops: Vec<Op>) -> Result<()> {
-    if ops.len() > 1 {
+    let journaled = ops.len() > 1;
+    if journaled {
         tree.insert(JOURNAL_KEY, encode(&ops))?;
     }
-    let journaled = ops.len() > 1;
     write_each(tree, ops)?;
     if journaled {
         tree.remove(JOURNAL_KEY)?;

@@ -517,7 +517,7 @@ impl Applier<'_, '_> {
             let by_path = match kind {
                 _ if whiteout.is_some() => false,
                 Kind::Dir => true,
-                Kind::File => entry.size() <= files::MAX_SIZE,
+                Kind::File => files::takes(entry.size()),
                 _ => false,
             };
             if by_path {
@@ -718,7 +718,7 @@ impl Applier<'_, '_> {
         self.file_bytes += size;
         let dir = self.tree.dir();
         if let Some(files) = self.files.as_mut()
-            && size <= files::MAX_SIZE
+            && files::takes(size)
         {
             let mut data = Vec::with_capacity(size as usize);
             if let Err(e) = entry.read_to_end(&mut data) {

@@ -270,13 +270,12 @@ impl<L: Layout> DirSnapshotter<L> {
 
     async fn run<T: Send + 'static>(
         &self,
-        f: impl FnOnce(&Engine<L>) -> Result<T> + Send + 'static,
+        f: impl FnOnce(&Arc<Engine<L>>) -> Result<T> + Send + 'static,
     ) -> Result<T> {
         let engine = self.engine().await?;
         blocking(move || f(&engine)).await
     }
 
-    /// Creates a snapshot, then has the spare directories topped up in the background.
     async fn create(
         &self,
         kind: SnapshotKind,
@@ -286,18 +285,8 @@ impl<L: Layout> DirSnapshotter<L> {
     ) -> Result<Vec<Mount>> {
         let key = owned(key);
         let parent = parent.map(owned);
-        let (mounts, spare_fits) = self
-            .run(move |e| e.create(kind, &key, parent.as_deref(), labels))
-            .await?;
-        if spare_fits {
-            let engine = self.engine().await?;
-            if engine.spares_short() {
-                // Detached: the reply does not wait for it, and a failure only means the next
-                // creation makes its directory itself.
-                drop(tokio::task::spawn_blocking(move || engine.refill_spares()));
-            }
-        }
-        Ok(mounts)
+        self.run(move |e| e.create(kind, &key, parent.as_deref(), labels))
+            .await
     }
 }
 
@@ -309,38 +298,37 @@ impl<L: Layout> Engine<L> {
         info
     }
 
-    /// Creates the snapshot; also says whether it could have used a spare directory.
+    /// Creates the snapshot, then has the spare directories topped up in the background if
+    /// it could have used one.
     fn create(
-        &self,
+        self: &Arc<Self>,
         kind: SnapshotKind,
         key: &str,
         parent: Option<&str>,
         labels: Labels,
-    ) -> Result<(Vec<Mount>, bool)> {
+    ) -> Result<Vec<Mount>> {
         let parent = parent.filter(|p| !p.is_empty());
         let parent_ids = self.store.check_create(key, parent)?;
         self.layout.check(&self.paths, kind, &parent_ids)?;
         let spare_fits = self.layout.spare_fits(kind, &parent_ids);
         let staged = if self.layout.needs_dir(kind, &parent_ids) {
             let spare = if spare_fits { self.take_spare() } else { None };
-            let dir = match spare {
+            let (dir, made) = match spare {
                 Some(dir) => {
-                    if let Err(e) = self.layout.adopt_spare(&self.paths, &parent_ids, &dir) {
-                        remove_logged(&dir);
-                        return Err(e);
-                    }
-                    dir
+                    let adopted = self.layout.adopt_spare(&self.paths, &parent_ids, &dir);
+                    (dir, adopted)
                 }
                 None => {
                     let n = self.staging_seq.fetch_add(1, Ordering::Relaxed);
                     let dir = self.paths.staging().join(format!("new-{n}"));
-                    if let Err(e) = self.layout.populate(&self.paths, kind, &parent_ids, &dir) {
-                        remove_logged(&dir);
-                        return Err(e);
-                    }
-                    dir
+                    let made = self.layout.populate(&self.paths, kind, &parent_ids, &dir);
+                    (dir, made)
                 }
             };
+            if let Err(e) = made {
+                remove_logged(&dir);
+                return Err(e);
+            }
             Some(dir)
         } else {
             None
@@ -374,8 +362,14 @@ impl<L: Layout> Engine<L> {
             }
             Ok(())
         });
+        if spare_fits && self.spares_short() {
+            // Detached: the reply does not wait for it, and a failure only means the next
+            // creation makes its directory itself.
+            let engine = Arc::clone(self);
+            drop(tokio::task::spawn_blocking(move || engine.refill_spares()));
+        }
         match created {
-            Ok(snapshot) => Ok((self.layout.mounts(&self.paths, &snapshot), spare_fits)),
+            Ok(snapshot) => Ok(self.layout.mounts(&self.paths, &snapshot)),
             Err(e) => {
                 if let Some(dir) = &staged {
                     remove_logged(dir);

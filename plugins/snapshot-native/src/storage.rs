@@ -276,9 +276,6 @@ impl SnapshotStore {
             ids: Mutex::new(IdState::default()),
             path: dir.to_owned(),
         };
-        if journal::recover(&store.tree)? {
-            store.flush()?;
-        }
         store.check_schema()?;
         Ok(store)
     }
@@ -298,9 +295,6 @@ impl SnapshotStore {
         };
         if legacy_dir.exists() {
             store.migrate_from(legacy_dir)?;
-        }
-        if journal::recover(&store.tree)? {
-            store.flush()?;
         }
         store.check_schema()?;
         store.repair_split_commits()?;
@@ -373,8 +367,12 @@ impl SnapshotStore {
         })
     }
 
-    /// Writes the schema version into a new store; refuses one written by a newer berth.
+    /// Finishes a write a crash cut off (see `berth_core::metadata::journal`), then writes the
+    /// schema version into a new store; refuses one written by a newer berth.
     fn check_schema(&self) -> Result<()> {
+        if journal::recover(&self.tree)? {
+            self.flush()?;
+        }
         let store = self;
         let dir = &self.path;
         match store.tree.get(SCHEMA_KEY).map_err(sled_error)? {

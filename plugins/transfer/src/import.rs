@@ -569,19 +569,19 @@ async fn unpack_as_stored(
     if unpacks.is_empty() {
         return Ok(done);
     }
-    let Ok(digest) = index.wait_for(Option::is_some).await.map(|d| d.clone()) else {
-        return Ok(done);
-    };
-    let Some(digest) = digest else {
+    let Some(digest) = index
+        .wait_for(Option::is_some)
+        .await
+        .ok()
+        .and_then(|d| d.clone())
+    else {
         return Ok(done);
     };
     let root = Descriptor::new(media::OCI_INDEX, digest, 0);
     let walked = walk(content, cx, &root, platforms, Some(arrivals)).await?;
     for manifest in &walked.manifests {
-        let bytes = store::read_document(content, cx, &manifest.digest).await?;
-        let config = oci::parse_manifest(&bytes, &manifest.digest)?.config;
-        arrivals.wait(&config.digest).await?;
-        let (_, config) = unpack::read_config(content, cx, manifest).await?;
+        let (_, config) =
+            unpack::read_config_once_stored(content, cx, manifest, Some(arrivals)).await?;
         if let Some(target) = unpacks.iter().find(|t| t.accepts(&config.platform)) {
             let report =
                 unpack::unpack_as_fetched(content, cx, target, manifest, progress, arrivals)

@@ -128,12 +128,9 @@ pub async fn pull(
 
         let mut blobs = Vec::new();
         let mut seen = HashSet::new();
-        // Each manifest's config digest, for the unpack to wait on before it reads the config.
-        let mut configs = Vec::new();
         for manifest in &manifests {
             let bytes = store::read_document(content, &cx, &manifest.digest).await?;
             let m = oci::parse_manifest(&bytes, &manifest.digest)?;
-            configs.push(m.config.digest.clone());
             for blob in std::iter::once(m.config).chain(m.layers) {
                 if seen.insert(blob.digest.clone()) {
                     blobs.push(blob);
@@ -159,9 +156,10 @@ pub async fn pull(
             if unpacks.is_empty() {
                 return Ok(unpacked);
             }
-            for (manifest, config_digest) in manifests.iter().zip(&configs) {
-                arrivals.wait(config_digest).await?;
-                let (_, config) = unpack::read_config(content, &cx, manifest).await?;
+            for manifest in &manifests {
+                let (_, config) =
+                    unpack::read_config_once_stored(content, &cx, manifest, Some(&arrivals))
+                        .await?;
                 if let Some(target) = unpacks.iter().find(|t| t.accepts(&config.platform)) {
                     unpacked.push(
                         unpack::unpack_as_fetched(

@@ -123,8 +123,22 @@ pub async fn read_config(
     cx: &CallContext,
     manifest: &Descriptor,
 ) -> Result<(oci::ParsedManifest, oci::ImageConfigSubset)> {
+    read_config_once_stored(content, cx, manifest, None).await
+}
+
+/// [`read_config`] while a fetch stores the blobs: waits until `arrivals` has the config
+/// (the manifest must be stored already).
+pub async fn read_config_once_stored(
+    content: &dyn ContentStore,
+    cx: &CallContext,
+    manifest: &Descriptor,
+    arrivals: Option<&Arrivals>,
+) -> Result<(oci::ParsedManifest, oci::ImageConfigSubset)> {
     let bytes = store::read_document(content, cx, &manifest.digest).await?;
     let parsed = oci::parse_manifest(&bytes, &manifest.digest)?;
+    if let Some(arrivals) = arrivals {
+        arrivals.wait(&parsed.config.digest).await?;
+    }
     let config_bytes = store::read_document(content, cx, &parsed.config.digest)
         .await
         .map_err(|e| missing(e, "config", &parsed.config.digest, &manifest.digest))?;

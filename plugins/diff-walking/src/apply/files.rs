@@ -28,7 +28,7 @@ use crate::error::{Error, Result};
 use crate::tree::{Node, remove_all_at};
 
 /// Regular files up to this size go to the helper (their data is held in memory meanwhile).
-pub(super) const MAX_SIZE: u64 = 64 * 1024;
+const MAX_SIZE: u64 = 64 * 1024;
 /// Jobs queued ahead of the helper: at most `QUEUE * MAX_SIZE` bytes of file data.
 const QUEUE: usize = 64;
 
@@ -58,6 +58,11 @@ pub(super) struct Files<'scope> {
     completed: u64,
     /// Paths of files sent, with the number of the last job for each.
     in_flight: HashMap<Vec<u8>, u64>,
+}
+
+/// Whether a regular file of `size` bytes goes to the helper.
+pub(super) fn takes(size: u64) -> bool {
+    size <= MAX_SIZE
 }
 
 impl<'scope> Files<'scope> {
