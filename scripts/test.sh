@@ -33,4 +33,11 @@ cargo deny --offline check bans licenses sources
 echo "== build (the integration tests drive target/debug/berthd)"
 cargo build --workspace --bins
 echo "== tests"
-cargo test --workspace --no-fail-fast
+# The suite takes about ten minutes; a hung test must fail the run, not outlast CI's limit.
+# cargo test names it above ("has been running for over 60 seconds").
+status=0
+timeout --kill-after=30s 40m cargo test --workspace --no-fail-fast || status=$?
+if [ "$status" -eq 124 ] || [ "$status" -eq 137 ]; then
+  echo "== tests: stopped after 40 minutes; a test hangs (the one running for over 60 seconds above)" >&2
+fi
+exit "$status"

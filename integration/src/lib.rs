@@ -408,6 +408,22 @@ pub fn run_command_with_input(
         })),
         _ => None,
     };
+    let out = finish_within(child, command, timeout);
+    if let Some(f) = feeder {
+        let _ = f.join();
+    }
+    out
+}
+
+/// Waits up to `timeout` for a spawned `child` (named `command` in messages), collecting
+/// what it writes to piped streams; kills it when the time is up, so a hung client fails
+/// its test with its standard error instead of stalling the suite.
+pub fn finish_within(
+    mut child: std::process::Child,
+    command: impl Into<String>,
+    timeout: Duration,
+) -> Result<CmdOutput> {
+    let command = command.into();
     let out = child.stdout.take().map(read_in_thread);
     let err = child.stderr.take().map(read_in_thread);
     let deadline = Instant::now() + timeout;
@@ -424,9 +440,6 @@ pub fn run_command_with_input(
         }
         thread::sleep(Duration::from_millis(2));
     };
-    if let Some(f) = feeder {
-        let _ = f.join();
-    }
     let stdout_bytes = out.and_then(|h| h.join().ok()).unwrap_or_default();
     let stderr = err.and_then(|h| h.join().ok()).unwrap_or_default();
     Ok(CmdOutput {

@@ -299,6 +299,46 @@ fn namespaces_grpc_update_missing_creates(kind: Kind) {
 }
 calibrated!(namespaces_grpc_update_missing_creates);
 
+/// Calls the client gives up on while the daemon is still writing (a dropped deadline)
+/// must not leave the daemon waiting on them: berthd once let a writer cancelled during
+/// its disk flush hold every later write forever.
+fn cancelled_writes_leave_the_daemon_serving(kind: Kind) {
+    let d = Daemon::start(kind);
+    block_on(async {
+        let channel = d.channel().await.expect("channel");
+        let mut cancelled = 0;
+        for i in 0..200u64 {
+            let mut c = NamespacesClient::new(channel.clone());
+            // From at once to about a flush's time, so some calls end mid-flush.
+            let wait = std::time::Duration::from_micros((i % 40) * 100);
+            let call = c.create(req(CreateNamespaceRequest {
+                namespace: Some(ns(&format!("cancel-{i}"), &[])),
+            }));
+            if tokio::time::timeout(wait, call).await.is_err() {
+                cancelled += 1;
+            }
+        }
+        assert!(
+            cancelled > 0,
+            "no call was cancelled: the test proves nothing"
+        );
+        let mut c = NamespacesClient::new(channel);
+        let after = c.create(req(CreateNamespaceRequest {
+            namespace: Some(ns("after-cancels", &[])),
+        }));
+        tokio::time::timeout(std::time::Duration::from_secs(20), after)
+            .await
+            .unwrap_or_else(|_| {
+                panic!(
+                    "a write after {cancelled} cancelled ones hangs\n{}",
+                    d.log_tail()
+                )
+            })
+            .expect("Create after the cancelled calls");
+    });
+}
+calibrated!(cancelled_writes_leave_the_daemon_serving);
+
 /// A namespaced call without the `containerd-namespace` header is FailedPrecondition; with an
 /// invalid namespace it is InvalidArgument.
 ///

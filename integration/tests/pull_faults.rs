@@ -19,7 +19,7 @@ use berth_integration::api;
 use berth_integration::archive::{self, Compression, Entry, OciArchive};
 use berth_integration::recording_proxy::{ProxySettings, RecordingProxy};
 use berth_integration::registry::{Registry, RegistryOptions};
-use berth_integration::{Daemon, Kind, block_on};
+use berth_integration::{Daemon, Kind, block_on, finish_within};
 
 const MIB: u64 = 1 << 20;
 /// containerd's bound on manifests and indexes, berth's too.
@@ -119,8 +119,9 @@ fn a_pull_broken_by_a_registry_crash_resumes_from_the_ingest_after_restart() {
     reg.kill().expect("killing the registry");
     // What sat in socket buffers drains at once; the rest died with the registry.
     proxy.set(ProxySettings::default());
-    let out = first.wait_with_output().expect("waiting for berth pull");
-    let stderr = String::from_utf8_lossy(&out.stderr);
+    let out = finish_within(first, "berth pull", Duration::from_secs(180))
+        .unwrap_or_else(|e| panic!("{e:#}\n{}", d.log_tail()));
+    let stderr = &out.stderr;
     assert!(
         !out.status.success(),
         "the pull must fail when the registry dies: {stderr}"

@@ -12,12 +12,14 @@ use std::time::{Duration, Instant};
 use berth_integration::images::{self, LayerCompression, TestImage};
 use berth_integration::recording_proxy::{ProxySettings, RecordingProxy};
 use berth_integration::registry::{Registry, RegistryOptions};
-use berth_integration::{Daemon, Kind, berth_cli_command};
+use berth_integration::{Daemon, Kind, berth_cli_command, finish_within, run_command};
 
 /// The multi-layer image, small (shared with the other pull tests' cache).
 const IMAGE: &str = "docker.io/library/berth-multilayer:pull";
 const IMAGE_MB: u64 = 16;
 const REPO_TAG: &str = "library/multi:overlap";
+/// A pull of this 16 MB image takes about a second; a hung one fails the test after this.
+const PULL_LIMIT: Duration = Duration::from_secs(120);
 
 fn multilayer() -> TestImage {
     images::multilayer(IMAGE, IMAGE_MB, LayerCompression::Gzip)
@@ -97,11 +99,12 @@ fn layers_below_a_held_back_layer_are_unpacked_before_it_arrives() {
     );
 
     proxy.set(ProxySettings::default());
-    let out = pull.wait_with_output().expect("berth pull");
+    let out = finish_within(pull, "berth pull", PULL_LIMIT)
+        .unwrap_or_else(|e| panic!("{e:#}\n{}", d.log_tail()));
     assert!(
         out.status.success(),
         "berth pull failed: {}\n{}",
-        String::from_utf8_lossy(&out.stderr),
+        out.stderr,
         d.log_tail()
     );
     assert!(
@@ -138,14 +141,16 @@ fn a_layer_download_that_breaks_fails_the_pull_with_the_download_error() {
     let d = Daemon::start(Kind::Berthd);
     let ns = "broken";
     let reference = format!("{}/{REPO_TAG}", proxy.host());
-    let out = berth_cli_command(
-        &d,
-        ns,
-        &["pull", "--plain-http", "--progress", "plain", &reference],
+    let out = run_command(
+        &mut berth_cli_command(
+            &d,
+            ns,
+            &["pull", "--plain-http", "--progress", "plain", &reference],
+        ),
+        PULL_LIMIT,
     )
-    .output()
-    .expect("berth pull");
-    let stderr = String::from_utf8_lossy(&out.stderr);
+    .unwrap_or_else(|e| panic!("{e:#}\n{}", d.log_tail()));
+    let stderr = &out.stderr;
     assert!(!out.status.success(), "the pull must fail: {stderr}");
     assert!(
         stderr.contains(big_layer.trim_start_matches("sha256:")),

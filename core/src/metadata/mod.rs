@@ -626,6 +626,10 @@ impl WriteTxn<'_> {
 /// Group commit: writers wait for a flush that covers their write; one flush serves all the
 /// writers that arrived while it was pending.
 struct GroupFlush {
+    inner: Arc<FlushInner>,
+}
+
+struct FlushInner {
     state: Mutex<FlushState>,
     flushes: std::sync::atomic::AtomicU64,
     flushed: tokio::sync::watch::Sender<u64>,
@@ -637,17 +641,42 @@ struct FlushState {
     flushing: bool,
 }
 
+impl FlushInner {
+    fn lock(&self) -> MutexGuard<'_, FlushState> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The leader's flush covering writes up to `target`, with its bookkeeping. It runs whole
+    /// on the blocking pool even when the writer that started it is cancelled: stopping
+    /// between setting `flushing` and clearing it would leave every later writer waiting
+    /// for a flush that never ends.
+    fn lead(&self, db: &sled::Db, target: u64) -> Result<()> {
+        let result = db.flush().map(|_| ()).map_err(Error::from);
+        self.lock().flushing = false;
+        self.flushes
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        match &result {
+            Ok(()) => self.flushed.send_modify(|f| *f = (*f).max(target)),
+            // Wake the waiters so one of them retries the flush.
+            Err(_) => self.flushed.send_modify(|_| {}),
+        }
+        result
+    }
+}
+
 impl GroupFlush {
     fn new() -> Self {
         GroupFlush {
-            state: Mutex::new(FlushState::default()),
-            flushes: std::sync::atomic::AtomicU64::new(0),
-            flushed: tokio::sync::watch::Sender::new(0),
+            inner: Arc::new(FlushInner {
+                state: Mutex::new(FlushState::default()),
+                flushes: std::sync::atomic::AtomicU64::new(0),
+                flushed: tokio::sync::watch::Sender::new(0),
+            }),
         }
     }
 
     fn lock(&self) -> MutexGuard<'_, FlushState> {
-        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+        self.inner.lock()
     }
 
     /// Counts a write applied to the tree; called under the writer lock so numbers follow
@@ -658,9 +687,11 @@ impl GroupFlush {
         state.written
     }
 
+    /// Returns once write `seq` is durable: at once when a flush covered it, else after the
+    /// flush in progress, or after a flush this writer starts. Cancel-safe.
     async fn wait(&self, db: &sled::Db, seq: u64) -> Result<()> {
         loop {
-            let mut changes = self.flushed.subscribe();
+            let mut changes = self.inner.flushed.subscribe();
             if *changes.borrow() >= seq {
                 return Ok(());
             }
@@ -679,30 +710,13 @@ impl GroupFlush {
                 let _ = changes.changed().await;
                 continue;
             };
-            let db = db.clone();
-            let result = tokio::task::spawn_blocking(move || db.flush())
+            let (inner, db) = (Arc::clone(&self.inner), db.clone());
+            return tokio::task::spawn_blocking(move || inner.lead(&db, target))
                 .await
-                .map_err(|e| Error::internal(format!("metadata flush task: {e}")))
-                .and_then(|r| r.map(|_| ()).map_err(Error::from));
-            self.lock().flushing = false;
-            self.flushes
-                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            match result {
-                Ok(()) => {
-                    self.flushed.send_modify(|f| *f = (*f).max(target));
-                    return Ok(());
-                }
-                Err(e) => {
-                    // Wake the waiters so one of them retries the flush.
-                    self.flushed.send_modify(|_| {});
-                    return Err(e);
-                }
-            }
+                .map_err(|e| Error::internal(format!("metadata flush task: {e}")))?;
         }
     }
-}
 
-impl GroupFlush {
     /// Flushes `db` on the calling thread (blocking) and counts the flush for every write
     /// numbered so far, so the waiters of [`GroupFlush::wait`] whose writes it covers return
     /// without a flush of their own.
@@ -711,9 +725,10 @@ impl GroupFlush {
         // (numbers are taken after the batch is applied), so the flush covers it.
         let target = self.lock().written;
         db.flush()?;
-        self.flushes
+        self.inner
+            .flushes
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        self.flushed.send_modify(|f| *f = (*f).max(target));
+        self.inner.flushed.send_modify(|f| *f = (*f).max(target));
         Ok(())
     }
 }
@@ -1129,16 +1144,53 @@ mod tests {
         }
         assert_eq!(store.list_namespaces().expect("list").len(), 64);
         let written = store.shared.flush.lock().written;
-        let flushed = *store.shared.flush.flushed.borrow();
+        let flushed = *store.shared.flush.inner.flushed.borrow();
         assert_eq!(flushed, written, "every write is covered by a flush");
         let flushes = store
             .shared
             .flush
+            .inner
             .flushes
             .load(std::sync::atomic::Ordering::Relaxed);
         assert!(
             flushes < 16,
             "64 concurrent writers shared flushes, yet {flushes} ran"
+        );
+    }
+
+    /// A writer cancelled while its flush runs (a dropped gRPC call, the unpack of a pull
+    /// whose download failed) must not leave the group waiting for a flush that never ends.
+    #[tokio::test]
+    async fn a_writer_cancelled_during_its_flush_does_not_stall_the_next() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = open(dir.path());
+        // Polled once: the write is applied and this writer starts the flush, then it is
+        // dropped. A fast disk may finish that flush within the one poll; only rounds where
+        // it did not count.
+        let mut cancelled_mid_flush = 0;
+        for round in 0..50 {
+            let name = ns(&format!("a{round}"));
+            let mut first = Box::pin(store.create_namespace(&name, Labels::new()));
+            let polled =
+                std::future::poll_fn(|cx| std::task::Poll::Ready(first.as_mut().poll(cx))).await;
+            drop(first);
+            if polled.is_pending() {
+                cancelled_mid_flush += 1;
+            }
+            tokio::time::timeout(
+                std::time::Duration::from_secs(20),
+                store.create_namespace(&ns(&format!("b{round}")), Labels::new()),
+            )
+            .await
+            .expect("the next writer's flush must not wait forever")
+            .expect("create");
+            if cancelled_mid_flush >= 3 {
+                break;
+            }
+        }
+        assert!(
+            cancelled_mid_flush > 0,
+            "no writer could be cancelled while flushing: the test proves nothing"
         );
     }
 
@@ -1165,12 +1217,14 @@ mod tests {
             .expect("plugin write");
         let before = shared
             .flush
+            .inner
             .flushes
             .load(std::sync::atomic::Ordering::Relaxed);
         plugin.flush().expect("plugin flush");
         store.durable(seq).await.expect("durable");
         let after = shared
             .flush
+            .inner
             .flushes
             .load(std::sync::atomic::Ordering::Relaxed);
         assert_eq!(
@@ -1189,6 +1243,7 @@ mod tests {
         assert_eq!(
             shared
                 .flush
+                .inner
                 .flushes
                 .load(std::sync::atomic::Ordering::Relaxed),
             after + 1
