@@ -79,7 +79,20 @@ fn backend_labels(labels: &Labels) -> Labels {
         .collect()
 }
 
+/// Runs a call that writes records and then asks the backend to act on them in a task of its
+/// own, so a caller that goes away (a cancelled gRPC call, the unpack of a pull whose download
+/// failed) cannot stop it between the record and the backend, or before its undo: the call
+/// finishes or is undone whole, and its event is published.
+async fn run_whole<T: Send + 'static>(
+    call: impl std::future::Future<Output = Result<T>> + Send + 'static,
+) -> Result<T> {
+    tokio::spawn(call)
+        .await
+        .map_err(|e| Error::internal(format!("snapshot call task: {e}")))?
+}
+
 /// The namespaced view of one snapshotter.
+#[derive(Clone)]
 pub(crate) struct MetaSnapshotter {
     db: Arc<Metadata>,
     name: String,
@@ -251,89 +264,14 @@ impl MetaSnapshotter {
         );
         Ok(mounts)
     }
-}
 
-#[async_trait::async_trait]
-impl Snapshotter for MetaSnapshotter {
-    async fn stat(&self, cx: &CallContext, key: &str) -> Result<SnapshotInfo> {
-        let ns = namespace_of(cx)?;
-        Ok(Self::info(key, self.record(&ns, key)?))
-    }
-
-    async fn update(
+    async fn commit_whole(
         &self,
         cx: &CallContext,
-        info: SnapshotInfo,
-        fieldpaths: &[String],
-    ) -> Result<SnapshotInfo> {
-        let ns = namespace_of(cx)?;
-        let key = info.name.clone();
-        let object = format!("snapshot {key:?}");
-        let sn_kind = self.kind();
-        let record = self
-            .db
-            .store
-            .write(|txn| {
-                let mut record: SnapshotRecord = txn
-                    .get_object(&ns, &sn_kind, &key)?
-                    .ok_or_else(|| Error::not_found(format!("snapshot {key:?} does not exist")))?;
-                apply_label_paths(&mut record.labels, &info.labels, fieldpaths, &object)?;
-                record.updated_at = SystemTime::now();
-                txn.put_object(&ns, &sn_kind, &key, &record)?;
-                Ok(record)
-            })
-            .await?;
-        let backend_info = SnapshotInfo {
-            name: record.backend_key.clone(),
-            labels: backend_labels(&record.labels),
-            ..Self::info(&key, record.clone())
-        };
-        // Backends keep only their own labels; one that keeps none may refuse.
-        if let Err(e) = self
-            .backend
-            .update(cx, backend_info, &["labels".to_owned()])
-            .await
-        {
-            tracing::debug!(snapshotter = %self.name, %key, error = %e, "backend label update refused");
-        }
-        self.db.mutated(Mutation::Change);
-        Ok(Self::info(&key, record))
-    }
-
-    async fn usage(&self, cx: &CallContext, key: &str) -> Result<Usage> {
-        let ns = namespace_of(cx)?;
-        let record = self.record(&ns, key)?;
-        self.backend.usage(cx, &record.backend_key).await
-    }
-
-    async fn mounts(&self, cx: &CallContext, key: &str) -> Result<Vec<Mount>> {
-        let ns = namespace_of(cx)?;
-        let record = self.record(&ns, key)?;
-        self.backend.mounts(cx, &record.backend_key).await
-    }
-
-    async fn prepare(
-        &self,
-        cx: &CallContext,
+        name: &str,
         key: &str,
-        parent: Option<&str>,
         labels: Labels,
-    ) -> Result<Vec<Mount>> {
-        self.create(cx, key, parent, labels, RecordKind::Active)
-            .await
-    }
-
-    async fn view(
-        &self,
-        cx: &CallContext,
-        key: &str,
-        parent: Option<&str>,
-        labels: Labels,
-    ) -> Result<Vec<Mount>> {
-        self.create(cx, key, parent, labels, RecordKind::View).await
-    }
-
-    async fn commit(&self, cx: &CallContext, name: &str, key: &str, labels: Labels) -> Result<()> {
+    ) -> Result<()> {
         let ns = namespace_of(cx)?;
         if name.is_empty() {
             return Err(Error::invalid_argument(
@@ -460,7 +398,7 @@ impl Snapshotter for MetaSnapshotter {
         Ok(())
     }
 
-    async fn remove(&self, cx: &CallContext, key: &str) -> Result<()> {
+    async fn remove_whole(&self, cx: &CallContext, key: &str) -> Result<()> {
         let ns = namespace_of(cx)?;
         let sn_kind = self.kind();
         let lease = cx.lease.clone();
@@ -503,6 +441,108 @@ impl Snapshotter for MetaSnapshotter {
             },
         );
         Ok(())
+    }
+}
+
+#[async_trait::async_trait]
+impl Snapshotter for MetaSnapshotter {
+    async fn stat(&self, cx: &CallContext, key: &str) -> Result<SnapshotInfo> {
+        let ns = namespace_of(cx)?;
+        Ok(Self::info(key, self.record(&ns, key)?))
+    }
+
+    async fn update(
+        &self,
+        cx: &CallContext,
+        info: SnapshotInfo,
+        fieldpaths: &[String],
+    ) -> Result<SnapshotInfo> {
+        let ns = namespace_of(cx)?;
+        let key = info.name.clone();
+        let object = format!("snapshot {key:?}");
+        let sn_kind = self.kind();
+        let record = self
+            .db
+            .store
+            .write(|txn| {
+                let mut record: SnapshotRecord = txn
+                    .get_object(&ns, &sn_kind, &key)?
+                    .ok_or_else(|| Error::not_found(format!("snapshot {key:?} does not exist")))?;
+                apply_label_paths(&mut record.labels, &info.labels, fieldpaths, &object)?;
+                record.updated_at = SystemTime::now();
+                txn.put_object(&ns, &sn_kind, &key, &record)?;
+                Ok(record)
+            })
+            .await?;
+        let backend_info = SnapshotInfo {
+            name: record.backend_key.clone(),
+            labels: backend_labels(&record.labels),
+            ..Self::info(&key, record.clone())
+        };
+        // Backends keep only their own labels; one that keeps none may refuse.
+        if let Err(e) = self
+            .backend
+            .update(cx, backend_info, &["labels".to_owned()])
+            .await
+        {
+            tracing::debug!(snapshotter = %self.name, %key, error = %e, "backend label update refused");
+        }
+        self.db.mutated(Mutation::Change);
+        Ok(Self::info(&key, record))
+    }
+
+    async fn usage(&self, cx: &CallContext, key: &str) -> Result<Usage> {
+        let ns = namespace_of(cx)?;
+        let record = self.record(&ns, key)?;
+        self.backend.usage(cx, &record.backend_key).await
+    }
+
+    async fn mounts(&self, cx: &CallContext, key: &str) -> Result<Vec<Mount>> {
+        let ns = namespace_of(cx)?;
+        let record = self.record(&ns, key)?;
+        self.backend.mounts(cx, &record.backend_key).await
+    }
+
+    async fn prepare(
+        &self,
+        cx: &CallContext,
+        key: &str,
+        parent: Option<&str>,
+        labels: Labels,
+    ) -> Result<Vec<Mount>> {
+        let (this, cx, key) = (self.clone(), cx.clone(), key.to_owned());
+        let parent = parent.map(str::to_owned);
+        run_whole(async move {
+            this.create(&cx, &key, parent.as_deref(), labels, RecordKind::Active)
+                .await
+        })
+        .await
+    }
+
+    async fn view(
+        &self,
+        cx: &CallContext,
+        key: &str,
+        parent: Option<&str>,
+        labels: Labels,
+    ) -> Result<Vec<Mount>> {
+        let (this, cx, key) = (self.clone(), cx.clone(), key.to_owned());
+        let parent = parent.map(str::to_owned);
+        run_whole(async move {
+            this.create(&cx, &key, parent.as_deref(), labels, RecordKind::View)
+                .await
+        })
+        .await
+    }
+
+    async fn commit(&self, cx: &CallContext, name: &str, key: &str, labels: Labels) -> Result<()> {
+        let (this, cx, name, key) = (self.clone(), cx.clone(), name.to_owned(), key.to_owned());
+        run_whole(async move { this.commit_whole(&cx, &name, &key, labels).await }).await
+    }
+
+    async fn remove(&self, cx: &CallContext, key: &str) -> Result<()> {
+        let (this, cx, key) = (self.clone(), cx.clone(), key.to_owned());
+        run_whole(async move { this.remove_whole(&cx, &key).await }).await
     }
 
     async fn list(&self, cx: &CallContext, filter: &Filter) -> Result<Vec<SnapshotInfo>> {
@@ -720,11 +760,13 @@ mod tests {
     use crate::testing::MemorySnapshotter;
     use std::sync::atomic::{AtomicBool, Ordering};
 
-    /// A backend whose commits never finish while `stall` is set: dropping a commit call
-    /// then leaves the state a crash between the record and the backend's commit leaves.
+    /// A backend whose commits wait while `stall` is set, until `release` is notified:
+    /// dropping the metadata layer's commit there leaves the state a crash between the
+    /// record and the backend's commit leaves.
     struct Stalling {
         inner: MemorySnapshotter,
         stall: AtomicBool,
+        release: tokio::sync::Notify,
     }
 
     #[async_trait::async_trait]
@@ -772,7 +814,7 @@ mod tests {
             labels: Labels,
         ) -> Result<()> {
             if self.stall.load(Ordering::SeqCst) {
-                std::future::pending::<()>().await;
+                self.release.notified().await;
             }
             self.inner.commit(cx, name, key, labels).await
         }
@@ -791,6 +833,7 @@ mod tests {
         let backend = Arc::new(Stalling {
             inner: MemorySnapshotter::new(),
             stall: AtomicBool::new(false),
+            release: tokio::sync::Notify::new(),
         });
         let metadata = Metadata::with_snapshotters(
             Arc::new(store),
@@ -839,6 +882,67 @@ mod tests {
             .collect()
     }
 
+    /// The metadata layer's commit stopped while the backend commits, as a crash stops it
+    /// (not through `Snapshotter::commit`, which finishes in a task of its own).
+    async fn crash_during_commit(
+        metadata: &Arc<Metadata>,
+        backend: &Arc<Stalling>,
+        cx: &CallContext,
+        name: &str,
+        key: &str,
+    ) -> std::result::Result<Result<()>, tokio::time::error::Elapsed> {
+        let sn = MetaSnapshotter::new(
+            Arc::clone(metadata),
+            "mem".to_owned(),
+            Arc::clone(backend) as Arc<dyn Snapshotter>,
+        );
+        tokio::time::timeout(
+            std::time::Duration::from_millis(200),
+            sn.commit_whole(cx, name, key, Labels::new()),
+        )
+        .await
+    }
+
+    #[tokio::test]
+    async fn a_commit_whose_caller_goes_away_still_finishes() {
+        let (_dir, metadata, backend) = setup();
+        let sn = metadata.snapshotter("mem").expect("snapshotter");
+        let a = leased(&metadata).await;
+        sn.prepare(&a, "k", None, Labels::new())
+            .await
+            .expect("prepare");
+        backend.stall.store(true, Ordering::SeqCst);
+        let gone = tokio::time::timeout(
+            std::time::Duration::from_millis(200),
+            sn.commit(&a, "base", "k", Labels::new()),
+        )
+        .await;
+        assert!(
+            gone.is_err(),
+            "the commit was meant to wait for the backend"
+        );
+        backend.stall.store(false, Ordering::SeqCst);
+        backend.release.notify_waiters();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while backend_kinds(&backend).await != [SnapshotKind::Committed] {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the backend's commit did not finish after its caller went away: {:?}",
+                backend_kinds(&backend).await
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        // Without a restart (no recovery): the commit is whole and usable.
+        sn.prepare(&a, "child", Some("base"), Labels::new())
+            .await
+            .expect("a child of the finished commit");
+        assert_eq!(
+            metadata.recover_snapshot_commits().await.expect("recover"),
+            0,
+            "nothing was left for recovery"
+        );
+    }
+
     #[tokio::test]
     async fn a_commit_cut_off_after_its_record_is_finished_by_recovery() {
         let (_dir, metadata, backend) = setup();
@@ -848,11 +952,7 @@ mod tests {
             .await
             .expect("prepare");
         backend.stall.store(true, Ordering::SeqCst);
-        let cut = tokio::time::timeout(
-            std::time::Duration::from_millis(200),
-            sn.commit(&a, "base", "k", Labels::new()),
-        )
-        .await;
+        let cut = crash_during_commit(&metadata, &backend, &a, "base", "k").await;
         assert!(cut.is_err(), "the commit was meant to stall");
         backend.stall.store(false, Ordering::SeqCst);
         // The record says committed; the backend still has the active snapshot, and a
@@ -888,11 +988,7 @@ mod tests {
             .await
             .expect("prepare");
         backend.stall.store(true, Ordering::SeqCst);
-        let _ = tokio::time::timeout(
-            std::time::Duration::from_millis(200),
-            sn.commit(&a, "base", "k", Labels::new()),
-        )
-        .await;
+        let _ = crash_during_commit(&metadata, &backend, &a, "base", "k").await;
         backend.stall.store(false, Ordering::SeqCst);
         // The backend lost the active snapshot as well: nothing can be committed.
         let active = backend
