@@ -763,14 +763,20 @@ impl SharedDb {
             .flush_every_ms(if no_sync { Some(1000) } else { None })
             .open()
             .map_err(|e| match e {
-                sled::Error::Io(io) if io.kind() == std::io::ErrorKind::WouldBlock => Error::new(
-                    crate::ErrorKind::Unavailable,
-                    format!(
-                        "metadata store {} is locked by another process: is another berthd \
+                // sled reports the lock it could not take as an `Other` error naming it.
+                sled::Error::Io(io)
+                    if io.kind() == std::io::ErrorKind::WouldBlock
+                        || io.to_string().starts_with("could not acquire lock") =>
+                {
+                    Error::new(
+                        crate::ErrorKind::Unavailable,
+                        format!(
+                            "metadata store {} is locked by another process: is another berthd \
                              using this root?",
-                        dir.display()
-                    ),
-                ),
+                            dir.display()
+                        ),
+                    )
+                }
                 other => Error::internal(format!(
                     "cannot open metadata store {}: {other}",
                     dir.display()
@@ -983,14 +989,19 @@ mod tests {
     }
 
     fn open(dir: &Path) -> MetaStore {
-        // sled's log writer threads can hold the file lock a moment after a store of the same
-        // process was dropped; a restarted daemon is a new process and never waits.
-        let mut opened = MetaStore::open(&dir.join("meta"), &MetadataConfig::default());
+        open_migrated(&dir.join("meta"), MIGRATIONS)
+    }
+
+    /// Opens the store at `path`, waiting while a store of this process dropped a moment ago
+    /// still holds sled's file lock (its log threads let go shortly after; a restarted daemon
+    /// is a new process and never waits).
+    fn open_migrated(path: &Path, migrations: &[Migration]) -> MetaStore {
+        let mut opened = MetaStore::open_with(path, &MetadataConfig::default(), migrations);
         for _ in 0..40 {
             match &opened {
                 Err(e) if e.kind() == ErrorKind::Unavailable => {
                     std::thread::sleep(std::time::Duration::from_millis(50));
-                    opened = MetaStore::open(&dir.join("meta"), &MetadataConfig::default());
+                    opened = MetaStore::open_with(path, &MetadataConfig::default(), migrations);
                 }
                 _ => break,
             }
@@ -1281,11 +1292,11 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("meta");
         {
-            let store = MetaStore::open(&path, &MetadataConfig::default()).expect("v1");
+            let store = open_migrated(&path, MIGRATIONS);
             assert_eq!(store.schema_version().expect("v"), 1);
         }
         {
-            let store = MetaStore::open_with(&path, &MetadataConfig::default(), V2).expect("to v2");
+            let store = open_migrated(&path, V2);
             assert_eq!(store.schema_version().expect("v"), 2);
             assert_eq!(
                 store.get_raw(b"m\0marker").expect("get"),
@@ -1293,10 +1304,20 @@ mod tests {
             );
         }
         {
-            let store = MetaStore::open_with(&path, &MetadataConfig::default(), V2).expect("again");
+            let store = open_migrated(&path, V2);
             assert_eq!(store.schema_version().expect("v"), 2);
         }
-        let err = MetaStore::open(&path, &MetadataConfig::default()).expect_err("newer");
+        let mut refused = MetaStore::open(&path, &MetadataConfig::default());
+        for _ in 0..40 {
+            match &refused {
+                Err(e) if e.kind() == ErrorKind::Unavailable => {
+                    std::thread::sleep(std::time::Duration::from_millis(50));
+                    refused = MetaStore::open(&path, &MetadataConfig::default());
+                }
+                _ => break,
+            }
+        }
+        let err = refused.expect_err("newer");
         assert_eq!(err.kind(), ErrorKind::FailedPrecondition);
         assert!(err.to_string().contains("newer"), "{err}");
     }
