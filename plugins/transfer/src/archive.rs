@@ -236,6 +236,15 @@ fn read_entries(source: StreamRead, tx: mpsc::Sender<Event>) -> Result<()> {
 /// Called with each file's cleaned path and digest once it is in the content store.
 pub(crate) type OnStored<'a> = &'a (dyn Fn(&str, &Digest) + Sync);
 
+/// A task aborted when this handle is dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
 /// Reads the archive from `source` and writes its files into `content`, telling `on_stored`
 /// of each as it lands (an unpack can start before the archive ends).
 pub(crate) async fn ingest(
@@ -246,14 +255,16 @@ pub(crate) async fn ingest(
     on_stored: OnStored<'_>,
 ) -> Result<ArchiveContents> {
     let (bytes_tx, bytes_rx) = mpsc::channel(8);
-    let pump = tokio::spawn(async move {
+    // Aborted when dropped: if this call is cancelled, the pump must not stay behind waiting
+    // on the client's stream, holding the reader thread in its wait for bytes.
+    let pump = AbortOnDrop(tokio::spawn(async move {
         while let Some(item) = source.next().await {
             let failed = item.is_err();
             if bytes_tx.send(item).await.is_err() || failed {
                 break;
             }
         }
-    });
+    }));
     let (tx, mut rx) = mpsc::channel(16);
     let reader = tokio::task::spawn_blocking(move || {
         read_entries(
@@ -269,7 +280,7 @@ pub(crate) async fn ingest(
     // Unblock the reader if the consumer stopped early: it may wait to send an entry (closing
     // `rx` fails the send) or for more bytes (stopping the pump ends its input).
     drop(rx);
-    pump.abort();
+    drop(pump);
     let read = reader
         .await
         .map_err(|e| Error::Core(berth_core::Error::internal(format!("archive reader: {e}"))))?;
@@ -435,6 +446,7 @@ async fn abort(content: &dyn ContentStore, cx: &CallContext, reference: &str) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::Arc;
 
     #[test]
     fn cleans_like_go() {
@@ -443,6 +455,51 @@ mod tests {
         assert_eq!(clean_path("abc/layer.tar"), "abc/layer.tar");
         assert_eq!(clean_path("/x/./y"), "/x/y");
         assert_eq!(clean_path("../x"), "../x");
+    }
+
+    /// A source that never ends and says when it is dropped.
+    struct Endless(Arc<std::sync::atomic::AtomicBool>);
+
+    impl tokio_stream::Stream for Endless {
+        type Item = berth_core::Result<Vec<u8>>;
+        fn poll_next(
+            self: std::pin::Pin<&mut Self>,
+            _cx: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<Option<Self::Item>> {
+            std::task::Poll::Pending
+        }
+    }
+
+    impl Drop for Endless {
+        fn drop(&mut self) {
+            self.0.store(true, std::sync::atomic::Ordering::SeqCst);
+        }
+    }
+
+    #[tokio::test]
+    async fn a_cancelled_ingest_lets_go_of_the_clients_stream() {
+        let dropped = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let content = berth_core::testing::MemoryContentStore::new();
+        let cx = CallContext::default();
+        let on_stored = |_: &str, _: &Digest| {};
+        let ingesting = ingest(
+            &content,
+            &cx,
+            Box::pin(Endless(Arc::clone(&dropped))),
+            &crate::progress::NoProgress,
+            &on_stored,
+        );
+        let cancelled =
+            tokio::time::timeout(std::time::Duration::from_millis(100), ingesting).await;
+        assert!(cancelled.is_err(), "the archive never ends");
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while !dropped.load(std::sync::atomic::Ordering::SeqCst) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the stream from the client is still held after the import was cancelled"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
     }
 
     #[test]
