@@ -651,16 +651,38 @@ impl FlushInner {
     /// between setting `flushing` and clearing it would leave every later writer waiting
     /// for a flush that never ends.
     fn lead(&self, db: &sled::Db, target: u64) -> Result<()> {
+        let mut leading = Leading {
+            inner: self,
+            covered: None,
+        };
         let result = db.flush().map(|_| ()).map_err(Error::from);
-        self.lock().flushing = false;
         self.flushes
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        match &result {
-            Ok(()) => self.flushed.send_modify(|f| *f = (*f).max(target)),
-            // Wake the waiters so one of them retries the flush.
-            Err(_) => self.flushed.send_modify(|_| {}),
+        if result.is_ok() {
+            leading.covered = Some(target);
         }
+        drop(leading);
         result
+    }
+}
+
+/// The leader's turn: however it ends (a failed flush, even a panic), `flushing` is cleared
+/// and the waiters are woken, once, to find their write covered or to flush it themselves.
+struct Leading<'a> {
+    inner: &'a FlushInner,
+    /// Writes up to this number are durable (the flush succeeded).
+    covered: Option<u64>,
+}
+
+impl Drop for Leading<'_> {
+    fn drop(&mut self) {
+        self.inner.lock().flushing = false;
+        let covered = self.covered;
+        self.inner.flushed.send_modify(|f| {
+            if let Some(covered) = covered {
+                *f = (*f).max(covered);
+            }
+        });
     }
 }
 
