@@ -265,6 +265,7 @@ impl MetaSnapshotter {
         Ok(mounts)
     }
 
+    /// [`Snapshotter::commit`]'s work, which that method runs through [`run_whole`].
     async fn commit_whole(
         &self,
         cx: &CallContext,
@@ -398,6 +399,7 @@ impl MetaSnapshotter {
         Ok(())
     }
 
+    /// [`Snapshotter::remove`]'s work, which that method runs through [`run_whole`].
     async fn remove_whole(&self, cx: &CallContext, key: &str) -> Result<()> {
         let ns = namespace_of(cx)?;
         let sn_kind = self.kind();
