@@ -196,18 +196,22 @@ impl ContentStore for MetaContent {
         let record = self
             .db
             .store
-            .write(|txn| {
-                let mut record: ContentRecord = txn
-                    .get_object(&ns, &ObjectKind::Content, &id)?
-                    .ok_or_else(|| Error::not_found(format!("content digest {id}")))?;
-                apply_label_paths(&mut record.labels, &info.labels, fieldpaths, &object)?;
-                record.updated_at = SystemTime::now();
-                txn.put_object(&ns, &ObjectKind::Content, &id, &record)?;
-                Ok(record)
-            })
+            .write_then(
+                |txn| {
+                    let mut record: ContentRecord = txn
+                        .get_object(&ns, &ObjectKind::Content, &id)?
+                        .ok_or_else(|| Error::not_found(format!("content digest {id}")))?;
+                    apply_label_paths(&mut record.labels, &info.labels, fieldpaths, &object)?;
+                    record.updated_at = SystemTime::now();
+                    txn.put_object(&ns, &ObjectKind::Content, &id, &record)?;
+                    Ok(record)
+                },
+                |_| {
+                    // A dropped gc.ref label can leave garbage behind.
+                    self.db.mutated(Mutation::Change);
+                },
+            )
             .await?;
-        // A dropped gc.ref label can leave garbage behind.
-        self.db.mutated(Mutation::Change);
         Ok(info_of(info.digest, record))
     }
 
@@ -232,22 +236,26 @@ impl ContentStore for MetaContent {
         let id = digest.to_string();
         self.db
             .store
-            .write(|txn| {
-                if txn
-                    .get_object::<ContentRecord>(&ns, &ObjectKind::Content, &id)?
-                    .is_none()
-                {
-                    return Err(Error::not_found(format!("content digest {id}")));
-                }
-                txn.remove_object(&ns, &ObjectKind::Content, &id)
-            })
+            .write_then(
+                |txn| {
+                    if txn
+                        .get_object::<ContentRecord>(&ns, &ObjectKind::Content, &id)?
+                        .is_none()
+                    {
+                        return Err(Error::not_found(format!("content digest {id}")));
+                    }
+                    txn.remove_object(&ns, &ObjectKind::Content, &id)
+                },
+                |()| {
+                    self.db.mutated(Mutation::Deletion);
+                    self.db.publish(
+                        ns.as_str(),
+                        "/content/delete",
+                        &berth_proto::containerd::events::ContentDelete { digest: id.clone() },
+                    );
+                },
+            )
             .await?;
-        self.db.mutated(Mutation::Deletion);
-        self.db.publish(
-            ns.as_str(),
-            "/content/delete",
-            &berth_proto::containerd::events::ContentDelete { digest: id },
-        );
         Ok(())
     }
 
@@ -592,62 +600,68 @@ impl ContentWriter for MetaWriter {
         let lease = cx.lease.clone();
         let created = db
             .store
-            .write(|txn| {
-                let exists = txn
-                    .get_object::<ContentRecord>(&ns, &ObjectKind::Content, &id)?
-                    .is_some();
-                if !exists {
-                    let now = SystemTime::now();
-                    txn.put_object(
-                        &ns,
-                        &ObjectKind::Content,
-                        &id,
-                        &ContentRecord {
-                            size,
-                            created_at: now,
-                            updated_at: now,
-                            labels,
-                        },
-                    )?;
-                }
-                txn.remove_object(&ns, &ObjectKind::Ingests, &reference)?;
-                if let Some(lease) = &lease {
-                    leases::detach(
-                        txn,
-                        &ns,
-                        lease,
-                        &Resource {
-                            kind: "ingests".into(),
-                            id: reference.clone(),
-                        },
-                    )?;
-                    leases::attach(
-                        txn,
-                        &ns,
-                        lease,
-                        Resource {
-                            kind: "content".into(),
-                            id: id.clone(),
-                        },
-                    )?;
-                }
-                Ok(!exists)
-            })
+            .write_then(
+                |txn| {
+                    let exists = txn
+                        .get_object::<ContentRecord>(&ns, &ObjectKind::Content, &id)?
+                        .is_some();
+                    if !exists {
+                        let now = SystemTime::now();
+                        txn.put_object(
+                            &ns,
+                            &ObjectKind::Content,
+                            &id,
+                            &ContentRecord {
+                                size,
+                                created_at: now,
+                                updated_at: now,
+                                labels,
+                            },
+                        )?;
+                    }
+                    txn.remove_object(&ns, &ObjectKind::Ingests, &reference)?;
+                    if let Some(lease) = &lease {
+                        leases::detach(
+                            txn,
+                            &ns,
+                            lease,
+                            &Resource {
+                                kind: "ingests".into(),
+                                id: reference.clone(),
+                            },
+                        )?;
+                        leases::attach(
+                            txn,
+                            &ns,
+                            lease,
+                            Resource {
+                                kind: "content".into(),
+                                id: id.clone(),
+                            },
+                        )?;
+                    }
+                    Ok(!exists)
+                },
+                |created| {
+                    db.mutated(Mutation::Change);
+                    if *created {
+                        db.publish(
+                            ns.as_str(),
+                            "/content/create",
+                            &berth_proto::containerd::events::ContentCreate {
+                                digest: id.clone(),
+                                size: size as i64,
+                                media_type: String::new(),
+                            },
+                        );
+                    }
+                },
+            )
             .await?;
         drop(_gc);
-        db.mutated(Mutation::Change);
         if !created {
             return Err(Error::already_exists(format!("content {id}")));
         }
-        db.publish(
-            ns.as_str(),
-            "/content/create",
-            &berth_proto::containerd::events::ContentCreate {
-                digest: id,
-                size: size as i64,
-                media_type: String::new(),
-            },
-        );
         Ok(())
     }
 

@@ -155,36 +155,40 @@ impl Metadata {
         };
         let name = image.name.clone();
         self.store
-            .write(|txn| {
-                if txn
-                    .get_object::<ImageRecord>(ns, &ObjectKind::Images, &name)?
-                    .is_some()
-                {
-                    return Err(Error::already_exists(format!("image {name:?}")));
-                }
-                if let Some(lease) = lease {
-                    leases::attach(
-                        txn,
-                        ns,
-                        lease,
-                        Resource {
-                            kind: "images".into(),
-                            id: name.clone(),
+            .write_then(
+                |txn| {
+                    if txn
+                        .get_object::<ImageRecord>(ns, &ObjectKind::Images, &name)?
+                        .is_some()
+                    {
+                        return Err(Error::already_exists(format!("image {name:?}")));
+                    }
+                    if let Some(lease) = lease {
+                        leases::attach(
+                            txn,
+                            ns,
+                            lease,
+                            Resource {
+                                kind: "images".into(),
+                                id: name.clone(),
+                            },
+                        )?;
+                    }
+                    txn.put_object(ns, &ObjectKind::Images, &name, &record)
+                },
+                |()| {
+                    self.mutated(Mutation::Change);
+                    self.publish(
+                        ns.as_str(),
+                        "/images/create",
+                        &berth_proto::containerd::services::images::v1::ImageCreate {
+                            name: name.clone(),
+                            labels: record.labels.clone().into_iter().collect(),
                         },
-                    )?;
-                }
-                txn.put_object(ns, &ObjectKind::Images, &name, &record)
-            })
+                    );
+                },
+            )
             .await?;
-        self.mutated(Mutation::Change);
-        self.publish(
-            ns.as_str(),
-            "/images/create",
-            &berth_proto::containerd::services::images::v1::ImageCreate {
-                name: name.clone(),
-                labels: record.labels.clone().into_iter().collect(),
-            },
-        );
         Ok(record.image(name))
     }
 
@@ -204,57 +208,63 @@ impl Metadata {
         }
         let record = self
             .store
-            .write(|txn| {
-                let mut record: ImageRecord = txn
-                    .get_object(ns, &ObjectKind::Images, &name)?
-                    .ok_or_else(|| Error::not_found(format!("image {name:?}")))?;
-                if fieldpaths.is_empty() {
-                    record.labels = image.labels.clone();
-                    record.target = target_record(&image.target);
-                }
-                for path in fieldpaths {
-                    if let Some(key) = path.strip_prefix("labels.") {
-                        match image.labels.get(key).filter(|v| !v.is_empty()) {
-                            Some(v) => record.labels.insert(key.to_owned(), v.clone()),
-                            None => record.labels.remove(key),
-                        };
-                    } else if let Some(key) = path.strip_prefix("annotations.") {
-                        match image.target.annotations.get(key).filter(|v| !v.is_empty()) {
-                            Some(v) => record.target.annotations.insert(key.to_owned(), v.clone()),
-                            None => record.target.annotations.remove(key),
-                        };
-                    } else {
-                        match path.as_str() {
-                            "labels" => record.labels = image.labels.clone(),
-                            "target" => record.target = target_record(&image.target),
-                            "annotations" => {
-                                record.target.annotations = image.target.annotations.clone();
-                            }
-                            other => {
-                                return Err(Error::invalid_argument(format!(
-                                    "cannot update {other:?} field on image {name:?}"
-                                )));
+            .write_then(
+                |txn| {
+                    let mut record: ImageRecord =
+                        txn.get_object(ns, &ObjectKind::Images, &name)?
+                            .ok_or_else(|| Error::not_found(format!("image {name:?}")))?;
+                    if fieldpaths.is_empty() {
+                        record.labels = image.labels.clone();
+                        record.target = target_record(&image.target);
+                    }
+                    for path in fieldpaths {
+                        if let Some(key) = path.strip_prefix("labels.") {
+                            match image.labels.get(key).filter(|v| !v.is_empty()) {
+                                Some(v) => record.labels.insert(key.to_owned(), v.clone()),
+                                None => record.labels.remove(key),
+                            };
+                        } else if let Some(key) = path.strip_prefix("annotations.") {
+                            match image.target.annotations.get(key).filter(|v| !v.is_empty()) {
+                                Some(v) => {
+                                    record.target.annotations.insert(key.to_owned(), v.clone())
+                                }
+                                None => record.target.annotations.remove(key),
+                            };
+                        } else {
+                            match path.as_str() {
+                                "labels" => record.labels = image.labels.clone(),
+                                "target" => record.target = target_record(&image.target),
+                                "annotations" => {
+                                    record.target.annotations = image.target.annotations.clone();
+                                }
+                                other => {
+                                    return Err(Error::invalid_argument(format!(
+                                        "cannot update {other:?} field on image {name:?}"
+                                    )));
+                                }
                             }
                         }
                     }
-                }
-                let updated = record.clone().image(name.clone());
-                validate(&updated)?;
-                record.updated_at = source_date_epoch.unwrap_or_else(SystemTime::now);
-                txn.put_object(ns, &ObjectKind::Images, &name, &record)?;
-                Ok(record)
-            })
+                    let updated = record.clone().image(name.clone());
+                    validate(&updated)?;
+                    record.updated_at = source_date_epoch.unwrap_or_else(SystemTime::now);
+                    txn.put_object(ns, &ObjectKind::Images, &name, &record)?;
+                    Ok(record)
+                },
+                |record| {
+                    // A changed target can leave the old one unreferenced.
+                    self.mutated(Mutation::Deletion);
+                    self.publish(
+                        ns.as_str(),
+                        "/images/update",
+                        &berth_proto::containerd::services::images::v1::ImageUpdate {
+                            name: name.clone(),
+                            labels: record.labels.clone().into_iter().collect(),
+                        },
+                    );
+                },
+            )
             .await?;
-        // A changed target can leave the old one unreferenced.
-        self.mutated(Mutation::Deletion);
-        self.publish(
-            ns.as_str(),
-            "/images/update",
-            &berth_proto::containerd::services::images::v1::ImageUpdate {
-                name: name.clone(),
-                labels: record.labels.clone().into_iter().collect(),
-            },
-        );
         Ok(record.image(name))
     }
 
@@ -268,29 +278,33 @@ impl Metadata {
         sync: bool,
     ) -> Result<()> {
         self.store
-            .write(|txn| {
-                let record: ImageRecord = txn
-                    .get_object(ns, &ObjectKind::Images, name)?
-                    .ok_or_else(|| Error::not_found(format!("image {name:?}")))?;
-                if let Some(target) = target
-                    && record.target.digest != *target
-                {
-                    return Err(Error::not_found(format!(
-                        "image {name:?} has target {}, not {target}",
-                        record.target.digest
-                    )));
-                }
-                txn.remove_object(ns, &ObjectKind::Images, name)
-            })
+            .write_then(
+                |txn| {
+                    let record: ImageRecord = txn
+                        .get_object(ns, &ObjectKind::Images, name)?
+                        .ok_or_else(|| Error::not_found(format!("image {name:?}")))?;
+                    if let Some(target) = target
+                        && record.target.digest != *target
+                    {
+                        return Err(Error::not_found(format!(
+                            "image {name:?} has target {}, not {target}",
+                            record.target.digest
+                        )));
+                    }
+                    txn.remove_object(ns, &ObjectKind::Images, name)
+                },
+                |()| {
+                    self.mutated(Mutation::Deletion);
+                    self.publish(
+                        ns.as_str(),
+                        "/images/delete",
+                        &berth_proto::containerd::services::images::v1::ImageDelete {
+                            name: name.to_owned(),
+                        },
+                    );
+                },
+            )
             .await?;
-        self.mutated(Mutation::Deletion);
-        self.publish(
-            ns.as_str(),
-            "/images/delete",
-            &berth_proto::containerd::services::images::v1::ImageDelete {
-                name: name.to_owned(),
-            },
-        );
         if sync {
             self.schedule_and_wait().await?;
         }

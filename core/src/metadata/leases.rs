@@ -237,14 +237,16 @@ impl Metadata {
     /// frees what only it held.
     pub async fn delete_lease(&self, ns: &Namespace, id: &str, sync: bool) -> Result<()> {
         self.store
-            .write(|txn| {
-                if read_lease(txn, ns, id)?.is_none() {
-                    return Err(Error::not_found(format!("lease {id:?}")));
-                }
-                txn.remove_object(ns, &ObjectKind::Leases, id)
-            })
+            .write_then(
+                |txn| {
+                    if read_lease(txn, ns, id)?.is_none() {
+                        return Err(Error::not_found(format!("lease {id:?}")));
+                    }
+                    txn.remove_object(ns, &ObjectKind::Leases, id)
+                },
+                |()| self.mutated(Mutation::Deletion),
+            )
             .await?;
-        self.mutated(Mutation::Deletion);
         if sync {
             self.schedule_and_wait().await?;
         }
@@ -275,14 +277,16 @@ impl Metadata {
         resource: &Resource,
     ) -> Result<()> {
         self.store
-            .write(|txn| {
-                if read_lease(txn, ns, id)?.is_none() {
-                    return Err(Error::not_found(format!("lease {id:?}")));
-                }
-                detach(txn, ns, id, resource)
-            })
+            .write_then(
+                |txn| {
+                    if read_lease(txn, ns, id)?.is_none() {
+                        return Err(Error::not_found(format!("lease {id:?}")));
+                    }
+                    detach(txn, ns, id, resource)
+                },
+                |()| self.mutated(Mutation::Deletion),
+            )
             .await?;
-        self.mutated(Mutation::Deletion);
         Ok(())
     }
 

@@ -371,6 +371,27 @@ impl MetaStore {
         Ok(out)
     }
 
+    /// [`MetaStore::write`], then `then` with the result once the change is durable: for
+    /// what follows a write (its event, the collector's trigger). `then` runs even when the
+    /// caller stops waiting for the flush (a cancelled call), as the change is applied and the
+    /// flush goes on without it; it does not run when the write or the flush fails.
+    pub async fn write_then<T>(
+        &self,
+        f: impl FnOnce(&mut WriteTxn<'_>) -> Result<T>,
+        then: impl FnOnce(&T),
+    ) -> Result<T> {
+        let (out, seq) = self.write_sync(f)?;
+        let mut after = AfterWrite {
+            out: Some(out),
+            then: Some(then),
+        };
+        if let Err(e) = self.durable(seq).await {
+            after.then = None;
+            return Err(e);
+        }
+        Ok(after.finish())
+    }
+
     /// Applies `f` like [`MetaStore::write`] but returns before the change is durable, with
     /// the sequence number to pass to [`MetaStore::durable`]: a caller that has slow work of
     /// its own to do next (a backend creating a snapshot) overlaps that work with the flush.
@@ -620,6 +641,34 @@ impl WriteTxn<'_> {
         let key = object_key(ns, kind, id)?;
         self.remove(key);
         Ok(())
+    }
+}
+
+/// A write's result with what is to follow it ([`MetaStore::write_then`]), run when this is
+/// finished or dropped.
+struct AfterWrite<T, F: FnOnce(&T)> {
+    out: Option<T>,
+    then: Option<F>,
+}
+
+impl<T, F: FnOnce(&T)> AfterWrite<T, F> {
+    fn run(&mut self) {
+        if let (Some(then), Some(out)) = (self.then.take(), self.out.as_ref()) {
+            then(out);
+        }
+    }
+
+    fn finish(mut self) -> T {
+        self.run();
+        self.out
+            .take()
+            .unwrap_or_else(|| unreachable!("a write's result is taken once"))
+    }
+}
+
+impl<T, F: FnOnce(&T)> Drop for AfterWrite<T, F> {
+    fn drop(&mut self) {
+        self.run();
     }
 }
 

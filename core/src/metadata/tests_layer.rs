@@ -692,6 +692,49 @@ mod images {
         }
     }
 
+    /// A delete whose caller stops waiting for the flush (a cancelled call) is applied: its
+    /// event is published all the same, as containerd publishes once its transaction commits.
+    #[tokio::test]
+    async fn a_delete_cancelled_during_its_flush_still_publishes_its_event() {
+        let f = fixture();
+        let n = ns("a");
+        let d = Digest::sha256_of(b"m");
+        let mut cancelled_mid_flush = 0;
+        for round in 0..50 {
+            let name = format!("img{round}");
+            f.metadata
+                .create_image(&n, image(&name, &d, 1), None, None)
+                .await
+                .expect("create");
+            let mut events = f.metadata.events().subscribe();
+            let mut delete = Box::pin(f.metadata.delete_image(&n, &name, None, false));
+            let polled =
+                std::future::poll_fn(|cx| std::task::Poll::Ready(delete.as_mut().poll(cx))).await;
+            drop(delete);
+            if polled.is_pending() {
+                cancelled_mid_flush += 1;
+            }
+            let received = tokio::time::timeout(std::time::Duration::from_secs(5), events.next())
+                .await
+                .expect("the delete's event");
+            let Received::Event(e) = received else {
+                panic!("no event: {received:?}")
+            };
+            assert_eq!(e.topic, "/images/delete");
+            assert!(
+                f.metadata.get_image(&n, &name).is_err(),
+                "the image is deleted"
+            );
+            if cancelled_mid_flush >= 3 {
+                break;
+            }
+        }
+        assert!(
+            cancelled_mid_flush > 0,
+            "no delete could be cancelled while flushing: the test proves nothing"
+        );
+    }
+
     #[tokio::test]
     async fn create_update_and_compare_and_delete() {
         let f = fixture();
