@@ -3,6 +3,8 @@
 
 use std::collections::HashMap;
 
+use berth_integration::api::{self, EventWatch};
+use berth_integration::containerd_client::events::NamespaceCreate;
 use berth_integration::containerd_client::services::v1::content_client::ContentClient;
 use berth_integration::containerd_client::services::v1::images_client::ImagesClient;
 use berth_integration::containerd_client::services::v1::namespaces_client::NamespacesClient;
@@ -301,11 +303,16 @@ calibrated!(namespaces_grpc_update_missing_creates);
 
 /// Calls the client gives up on while the daemon is still writing (a dropped deadline)
 /// must not leave the daemon waiting on them: berthd once let a writer cancelled during
-/// its disk flush hold every later write forever.
+/// its disk flush hold every later write forever. And a namespace such a call created
+/// still gets its `/namespaces/create` event.
 fn cancelled_writes_leave_the_daemon_serving(kind: Kind) {
     let d = Daemon::start(kind);
     block_on(async {
         let channel = d.channel().await.expect("channel");
+        let mut watch =
+            EventWatch::subscribe(&channel, "default", &["topic==\"/namespaces/create\""])
+                .await
+                .expect("subscribe");
         let mut cancelled = 0;
         for i in 0..200u64 {
             let mut c = NamespacesClient::new(channel.clone());
@@ -335,6 +342,39 @@ fn cancelled_writes_leave_the_daemon_serving(kind: Kind) {
                 )
             })
             .expect("Create after the cancelled calls");
+
+        // Every namespace that exists now was announced.
+        let created: Vec<String> = c
+            .list(req(ListNamespacesRequest::default()))
+            .await
+            .expect("List")
+            .into_inner()
+            .namespaces
+            .into_iter()
+            .map(|n| n.name)
+            .filter(|n| n.starts_with("cancel-"))
+            .collect();
+        let mut announced = std::collections::HashSet::new();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            for e in watch.mark().await.expect("events") {
+                if let Some(ev) = api::decode_event::<NamespaceCreate>(&e) {
+                    announced.insert(ev.name);
+                }
+            }
+            let missing: Vec<&String> =
+                created.iter().filter(|n| !announced.contains(*n)).collect();
+            if missing.is_empty() {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{} of {} created namespaces had no /namespaces/create event: {missing:?}",
+                missing.len(),
+                created.len()
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
     });
 }
 calibrated!(cancelled_writes_leave_the_daemon_serving);

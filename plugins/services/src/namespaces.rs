@@ -61,6 +61,17 @@ impl NamespacesService {
     }
 }
 
+/// Runs a change and the event that follows it in a task of its own: a call cancelled while
+/// the change is being flushed must not apply it and skip its event (containerd publishes once
+/// its transaction commits, whatever the client does).
+async fn whole<T: Send + 'static>(
+    call: impl std::future::Future<Output = Result<T>> + Send + 'static,
+) -> Result<T> {
+    tokio::spawn(call)
+        .await
+        .map_err(|e| Error::internal(format!("namespace call task: {e}")))?
+}
+
 fn wire(name: &str, labels: Labels) -> WireNamespace {
     WireNamespace {
         name: name.to_owned(),
@@ -121,16 +132,23 @@ impl Namespaces for NamespacesService {
             .ok_or_else(|| Error::invalid_argument("namespace is missing from the request"))?;
         let ns = Namespace::parse(&requested.name)?;
         let labels: Labels = requested.labels.into_iter().collect();
-        self.store.create_namespace(&ns, labels.clone()).await?;
-        self.publish(
-            caller.as_ref(),
-            ns.as_str(),
-            "/namespaces/create",
-            &NamespaceCreate {
-                name: ns.to_string(),
-                labels: labels.clone().into_iter().collect(),
-            },
-        );
+        let (this, created, event_labels) = (self.clone(), ns.clone(), labels.clone());
+        whole(async move {
+            this.store
+                .create_namespace(&created, event_labels.clone())
+                .await?;
+            this.publish(
+                caller.as_ref(),
+                created.as_str(),
+                "/namespaces/create",
+                &NamespaceCreate {
+                    name: created.to_string(),
+                    labels: event_labels.into_iter().collect(),
+                },
+            );
+            Ok(())
+        })
+        .await?;
         Ok(tonic::Response::new(CreateNamespaceResponse {
             namespace: Some(wire(ns.as_str(), labels)),
         }))
@@ -165,19 +183,24 @@ impl Namespaces for NamespacesService {
             }
             (changes, false)
         };
-        let labels = self
-            .store
-            .update_namespace_labels(&ns, &changes, replace)
-            .await?;
-        self.publish(
-            caller.as_ref(),
-            ns.as_str(),
-            "/namespaces/update",
-            &NamespaceUpdate {
-                name: ns.to_string(),
-                labels: requested_labels,
-            },
-        );
+        let (this, updated) = (self.clone(), ns.clone());
+        let labels = whole(async move {
+            let labels = this
+                .store
+                .update_namespace_labels(&updated, &changes, replace)
+                .await?;
+            this.publish(
+                caller.as_ref(),
+                updated.as_str(),
+                "/namespaces/update",
+                &NamespaceUpdate {
+                    name: updated.to_string(),
+                    labels: requested_labels,
+                },
+            );
+            Ok(labels)
+        })
+        .await?;
         Ok(tonic::Response::new(UpdateNamespaceResponse {
             namespace: Some(wire(ns.as_str(), labels)),
         }))
@@ -191,16 +214,21 @@ impl Namespaces for NamespacesService {
         // A name that is not valid cannot exist: NotFound, as containerd answers.
         let ns =
             Namespace::parse(name).map_err(|_| Error::not_found(format!("namespace {name:?}")))?;
-        self.store.delete_namespace(&ns).await?;
-        // Published in the deleted namespace itself, as containerd does.
-        self.publish(
-            Some(&ns),
-            ns.as_str(),
-            "/namespaces/delete",
-            &NamespaceDelete {
-                name: ns.to_string(),
-            },
-        );
+        let this = self.clone();
+        whole(async move {
+            this.store.delete_namespace(&ns).await?;
+            // Published in the deleted namespace itself, as containerd does.
+            this.publish(
+                Some(&ns),
+                ns.as_str(),
+                "/namespaces/delete",
+                &NamespaceDelete {
+                    name: ns.to_string(),
+                },
+            );
+            Ok(())
+        })
+        .await?;
         Ok(tonic::Response::new(()))
     }
 }
