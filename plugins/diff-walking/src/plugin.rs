@@ -384,12 +384,15 @@ impl Differ for WalkingDiffer {
             None => (unique_reference(), true),
         };
         // Declared before the writer so that, when a cancelled call drops this future, the
-        // writer goes first and releases the ref the abort then removes.
+        // writer goes first and releases the ref the abort then removes. Armed before the
+        // writer is opened: a call cancelled while a remote store is opening the ingest must
+        // remove it too (a fresh reference is this call's alone; an abort of one that was
+        // never created finds nothing).
         let mut abandoned = AbortOnDrop {
             content: Arc::clone(&self.content),
             cx: cx.clone(),
             reference: reference.clone(),
-            armed: false,
+            armed: fresh,
         };
         let mut writer = self
             .content
@@ -402,7 +405,6 @@ impl Differ for WalkingDiffer {
                 },
             )
             .await?;
-        abandoned.armed = fresh;
         let job = CompareJob {
             lower: lower.to_vec(),
             upper: upper.to_vec(),
