@@ -344,14 +344,9 @@ fn cancelled_writes_leave_the_daemon_serving(kind: Kind) {
             .expect("Create after the cancelled calls");
 
         // Every namespace that exists now was announced.
-        let created: Vec<String> = c
-            .list(req(ListNamespacesRequest::default()))
+        let created: Vec<String> = list(&mut c)
             .await
-            .expect("List")
-            .into_inner()
-            .namespaces
             .into_iter()
-            .map(|n| n.name)
             .filter(|n| n.starts_with("cancel-"))
             .collect();
         let mut announced = std::collections::HashSet::new();

@@ -366,9 +366,7 @@ impl MetaStore {
     /// Runs `f` as the only writer, applies its changes atomically, and returns once they are
     /// durable (sharing the flush with concurrent writers).
     pub async fn write<T>(&self, f: impl FnOnce(&mut WriteTxn<'_>) -> Result<T>) -> Result<T> {
-        let (out, seq) = self.write_sync(f)?;
-        self.durable(seq).await?;
-        Ok(out)
+        self.write_then(f, |_| {}).await
     }
 
     /// [`MetaStore::write`], then `then` with the result once the change is durable: for
@@ -642,6 +640,17 @@ impl WriteTxn<'_> {
         self.remove(key);
         Ok(())
     }
+}
+
+/// Runs a call that changes records and then acts on them (a backend's snapshot, an event) in
+/// a task of its own, so a caller that goes away (a cancelled gRPC call, the unpack of a pull
+/// whose download failed) cannot stop it halfway: the call finishes or is undone whole.
+pub async fn run_whole<T: Send + 'static>(
+    call: impl std::future::Future<Output = Result<T>> + Send + 'static,
+) -> Result<T> {
+    tokio::spawn(call)
+        .await
+        .map_err(|e| Error::internal(format!("call task: {e}")))?
 }
 
 /// A write's result with what is to follow it ([`MetaStore::write_then`]), run when this is

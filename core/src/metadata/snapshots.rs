@@ -79,18 +79,6 @@ fn backend_labels(labels: &Labels) -> Labels {
         .collect()
 }
 
-/// Runs a call that writes records and then asks the backend to act on them in a task of its
-/// own, so a caller that goes away (a cancelled gRPC call, the unpack of a pull whose download
-/// failed) cannot stop it between the record and the backend, or before its undo: the call
-/// finishes or is undone whole, and its event is published.
-async fn run_whole<T: Send + 'static>(
-    call: impl std::future::Future<Output = Result<T>> + Send + 'static,
-) -> Result<T> {
-    tokio::spawn(call)
-        .await
-        .map_err(|e| Error::internal(format!("snapshot call task: {e}")))?
-}
-
 /// The namespaced view of one snapshotter.
 #[derive(Clone)]
 pub(crate) struct MetaSnapshotter {
@@ -144,7 +132,26 @@ impl MetaSnapshotter {
         self.db.publish(ns, topic, event);
     }
 
+    /// Prepare or View, run whole ([`super::run_whole`]).
     async fn create(
+        &self,
+        cx: &CallContext,
+        key: &str,
+        parent: Option<&str>,
+        labels: Labels,
+        kind: RecordKind,
+    ) -> Result<Vec<Mount>> {
+        let (this, cx, key) = (self.clone(), cx.clone(), key.to_owned());
+        let parent = parent.map(str::to_owned);
+        super::run_whole(async move {
+            this.create_whole(&cx, &key, parent.as_deref(), labels, kind)
+                .await
+        })
+        .await
+    }
+
+    /// [`MetaSnapshotter::create`]'s work.
+    async fn create_whole(
         &self,
         cx: &CallContext,
         key: &str,
@@ -265,7 +272,7 @@ impl MetaSnapshotter {
         Ok(mounts)
     }
 
-    /// [`Snapshotter::commit`]'s work, which that method runs through [`run_whole`].
+    /// [`Snapshotter::commit`]'s work, which that method runs through [`super::run_whole`].
     async fn commit_whole(
         &self,
         cx: &CallContext,
@@ -399,7 +406,7 @@ impl MetaSnapshotter {
         Ok(())
     }
 
-    /// [`Snapshotter::remove`]'s work, which that method runs through [`run_whole`].
+    /// [`Snapshotter::remove`]'s work, which that method runs through [`super::run_whole`].
     async fn remove_whole(&self, cx: &CallContext, key: &str) -> Result<()> {
         let ns = namespace_of(cx)?;
         let sn_kind = self.kind();
@@ -512,13 +519,8 @@ impl Snapshotter for MetaSnapshotter {
         parent: Option<&str>,
         labels: Labels,
     ) -> Result<Vec<Mount>> {
-        let (this, cx, key) = (self.clone(), cx.clone(), key.to_owned());
-        let parent = parent.map(str::to_owned);
-        run_whole(async move {
-            this.create(&cx, &key, parent.as_deref(), labels, RecordKind::Active)
-                .await
-        })
-        .await
+        self.create(cx, key, parent, labels, RecordKind::Active)
+            .await
     }
 
     async fn view(
@@ -528,23 +530,17 @@ impl Snapshotter for MetaSnapshotter {
         parent: Option<&str>,
         labels: Labels,
     ) -> Result<Vec<Mount>> {
-        let (this, cx, key) = (self.clone(), cx.clone(), key.to_owned());
-        let parent = parent.map(str::to_owned);
-        run_whole(async move {
-            this.create(&cx, &key, parent.as_deref(), labels, RecordKind::View)
-                .await
-        })
-        .await
+        self.create(cx, key, parent, labels, RecordKind::View).await
     }
 
     async fn commit(&self, cx: &CallContext, name: &str, key: &str, labels: Labels) -> Result<()> {
         let (this, cx, name, key) = (self.clone(), cx.clone(), name.to_owned(), key.to_owned());
-        run_whole(async move { this.commit_whole(&cx, &name, &key, labels).await }).await
+        super::run_whole(async move { this.commit_whole(&cx, &name, &key, labels).await }).await
     }
 
     async fn remove(&self, cx: &CallContext, key: &str) -> Result<()> {
         let (this, cx, key) = (self.clone(), cx.clone(), key.to_owned());
-        run_whole(async move { this.remove_whole(&cx, &key).await }).await
+        super::run_whole(async move { this.remove_whole(&cx, &key).await }).await
     }
 
     async fn list(&self, cx: &CallContext, filter: &Filter) -> Result<Vec<SnapshotInfo>> {
@@ -884,8 +880,9 @@ mod tests {
             .collect()
     }
 
-    /// The metadata layer's commit stopped while the backend commits, as a crash stops it
-    /// (not through `Snapshotter::commit`, which finishes in a task of its own).
+    /// The metadata layer's commit stopped while the backend commits (stalled meanwhile), as
+    /// a crash stops it (not through `Snapshotter::commit`, which finishes in a task of its
+    /// own).
     async fn crash_during_commit(
         metadata: &Arc<Metadata>,
         backend: &Arc<Stalling>,
@@ -898,11 +895,14 @@ mod tests {
             "mem".to_owned(),
             Arc::clone(backend) as Arc<dyn Snapshotter>,
         );
-        tokio::time::timeout(
+        backend.stall.store(true, Ordering::SeqCst);
+        let cut = tokio::time::timeout(
             std::time::Duration::from_millis(200),
             sn.commit_whole(cx, name, key, Labels::new()),
         )
-        .await
+        .await;
+        backend.stall.store(false, Ordering::SeqCst);
+        cut
     }
 
     #[tokio::test]
@@ -953,10 +953,8 @@ mod tests {
         sn.prepare(&a, "k", None, Labels::new())
             .await
             .expect("prepare");
-        backend.stall.store(true, Ordering::SeqCst);
         let cut = crash_during_commit(&metadata, &backend, &a, "base", "k").await;
         assert!(cut.is_err(), "the commit was meant to stall");
-        backend.stall.store(false, Ordering::SeqCst);
         // The record says committed; the backend still has the active snapshot, and a
         // collection before recovery must not take it.
         assert_eq!(
@@ -989,9 +987,7 @@ mod tests {
         sn.prepare(&a, "k", None, Labels::new())
             .await
             .expect("prepare");
-        backend.stall.store(true, Ordering::SeqCst);
         let _ = crash_during_commit(&metadata, &backend, &a, "base", "k").await;
-        backend.stall.store(false, Ordering::SeqCst);
         // The backend lost the active snapshot as well: nothing can be committed.
         let active = backend
             .list(&CallContext::default(), &Filter::default())

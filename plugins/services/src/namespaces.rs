@@ -3,7 +3,9 @@
 //! Behaviour follows containerd: Get of a namespace that does not exist answers with empty
 //! labels; Update with a mask sets (or, with an empty value, removes) each `labels.<key>`;
 //! Update without a mask replaces all labels; Delete of a namespace that still holds objects
-//! is FailedPrecondition. Create, Update and Delete publish `/namespaces/*` events.
+//! is FailedPrecondition. Create, Update and Delete publish `/namespaces/*` events, and run
+//! whole with their event ([`run_whole`]): a call cancelled while its change is flushed must
+//! not apply it and skip the event (containerd publishes once its transaction commits).
 
 use std::sync::Arc;
 use std::time::SystemTime;
@@ -12,7 +14,7 @@ use berth_core::error::{Error, Result};
 use berth_core::events::{Envelope, EventsKind, Exchange};
 use berth_core::filters::Filter;
 use berth_core::labels::Labels;
-use berth_core::metadata::{MetaStore, MetadataKind};
+use berth_core::metadata::{MetaStore, MetadataKind, run_whole};
 use berth_core::namespace::{self, Namespace};
 use berth_core::registry::{Instance, PluginType, Registration};
 use berth_core::serve::{GrpcService, GrpcServiceKind, MessageLimits};
@@ -59,17 +61,6 @@ impl NamespacesService {
             tracing::warn!(%topic, error = %e, "cannot publish event");
         }
     }
-}
-
-/// Runs a change and the event that follows it in a task of its own: a call cancelled while
-/// the change is being flushed must not apply it and skip its event (containerd publishes once
-/// its transaction commits, whatever the client does).
-async fn whole<T: Send + 'static>(
-    call: impl std::future::Future<Output = Result<T>> + Send + 'static,
-) -> Result<T> {
-    tokio::spawn(call)
-        .await
-        .map_err(|e| Error::internal(format!("namespace call task: {e}")))?
 }
 
 fn wire(name: &str, labels: Labels) -> WireNamespace {
@@ -133,7 +124,7 @@ impl Namespaces for NamespacesService {
         let ns = Namespace::parse(&requested.name)?;
         let labels: Labels = requested.labels.into_iter().collect();
         let (this, created, event_labels) = (self.clone(), ns.clone(), labels.clone());
-        whole(async move {
+        run_whole(async move {
             this.store
                 .create_namespace(&created, event_labels.clone())
                 .await?;
@@ -184,7 +175,7 @@ impl Namespaces for NamespacesService {
             (changes, false)
         };
         let (this, updated) = (self.clone(), ns.clone());
-        let labels = whole(async move {
+        let labels = run_whole(async move {
             let labels = this
                 .store
                 .update_namespace_labels(&updated, &changes, replace)
@@ -215,7 +206,7 @@ impl Namespaces for NamespacesService {
         let ns =
             Namespace::parse(name).map_err(|_| Error::not_found(format!("namespace {name:?}")))?;
         let this = self.clone();
-        whole(async move {
+        run_whole(async move {
             this.store.delete_namespace(&ns).await?;
             // Published in the deleted namespace itself, as containerd does.
             this.publish(
