@@ -1,7 +1,8 @@
 //! `berth pull` unpacks while it fetches (Debian's docker-registry behind the recording
 //! proxy): with the top layer's download held back, the layers below it are applied and
-//! committed before it arrives; and when that download breaks, the pull fails with the
-//! download's error, not with the unpack that was waiting for the layer.
+//! committed before it arrives; when that download breaks, the pull fails with the
+//! download's error, not with the unpack that was waiting for the layer; and blobs are
+//! fetched in the order the unpack needs them (config, then layers bottom up).
 //!
 //! Not calibrated: `berth pull` drives containerd's transfer service, which Debian's
 //! containerd 1.6 does not have.
@@ -12,7 +13,7 @@ use std::time::{Duration, Instant};
 use berth_integration::images::{self, LayerCompression, TestImage};
 use berth_integration::recording_proxy::{ProxySettings, RecordingProxy};
 use berth_integration::registry::{Registry, RegistryOptions};
-use berth_integration::{Daemon, Kind, berth_cli_command, finish_within, run_command};
+use berth_integration::{Daemon, Kind, Options, berth_cli_command, finish_within, run_command};
 
 /// The multi-layer image, small (shared with the other pull tests' cache).
 const IMAGE: &str = "docker.io/library/berth-multilayer:pull";
@@ -164,5 +165,57 @@ fn a_layer_download_that_breaks_fails_the_pull_with_the_download_error() {
         proxy.exchanges(&big_layer).iter().any(|e| e.cut),
         "the proxy cut the download: {:?}",
         proxy.exchanges(&big_layer)
+    );
+}
+
+#[test]
+fn blobs_are_fetched_config_first_then_layers_bottom_up() {
+    let image = multilayer();
+    let reg = registry_with(&image);
+    let proxy =
+        RecordingProxy::start(&reg.host(), ProxySettings::default()).expect("starting the proxy");
+    // One download at a time makes the order of the requests the order of the slots.
+    let d = Daemon::start_with(
+        Kind::Berthd,
+        Options {
+            extra_config: "[plugins.\"io.containerd.transfer.v1.local\"]\n\
+                           max_concurrent_downloads = 1\n"
+                .to_string(),
+            ..Options::default()
+        },
+    );
+    let ns = "order";
+    let reference = format!("{}/{REPO_TAG}", proxy.host());
+    let out = run_command(
+        &mut berth_cli_command(
+            &d,
+            ns,
+            &["pull", "--plain-http", "--progress", "plain", &reference],
+        ),
+        PULL_LIMIT,
+    )
+    .unwrap_or_else(|e| panic!("{e:#}\n{}", d.log_tail()));
+    assert!(
+        out.status.success(),
+        "berth pull failed: {}\n{}",
+        out.stderr,
+        d.log_tail()
+    );
+    let mut expected: Vec<String> = Vec::new();
+    for digest in std::iter::once(&image.config_digest).chain(&image.layer_digests) {
+        if !expected.contains(digest) {
+            expected.push(digest.clone());
+        }
+    }
+    let mut log = proxy.log();
+    log.sort_by_key(|e| e.started);
+    let fetched: Vec<String> = log
+        .iter()
+        .filter(|e| e.method == "GET" && e.path.contains("/blobs/"))
+        .filter_map(|e| e.path.rsplit('/').next().map(str::to_string))
+        .collect();
+    assert_eq!(
+        fetched, expected,
+        "blob downloads in request order (expected: config, then layers bottom up)"
     );
 }

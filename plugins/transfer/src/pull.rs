@@ -337,49 +337,59 @@ async fn fetch_blobs(
     let (tx, mut rx) = mpsc::unbounded_channel::<Progress>();
     // Dropping the set (an error, or the caller cancelling) aborts the other downloads.
     let mut tasks = JoinSet::new();
-    for blob in blobs {
-        let (content, cx, client, reference) = (
-            Arc::clone(&stores.content),
-            cx.clone(),
-            Arc::clone(client),
-            Arc::clone(reference),
-        );
-        let (permits, tx, multipart) = (Arc::clone(&permits), tx.clone(), multipart.clone());
-        tasks.spawn(async move {
-            let _permit = permits
-                .acquire_owned()
-                .await
-                .map_err(|_| Error::Core(berth_core::Error::internal("download slots closed")))?;
-            let fetch = BlobFetch {
-                client: &client,
-                reference: &reference,
-                multipart: multipart.as_ref(),
-                progress: &tx,
-            };
-            let fetched = fetch.run(content.as_ref(), &cx, &blob).await?;
-            Ok::<_, Error>((blob.digest, fetched))
-        });
-    }
-    drop(tx);
+    // Download slots are handed out here, in the order of `blobs` (a config, then its layers
+    // bottom up), not raced for by the tasks: tasks reach a semaphore in whatever order the
+    // scheduler polls them, and the unpack, which applies layers in order, waited for a
+    // first layer that had been queued behind the big ones.
+    let mut queue = blobs.into_iter();
+    let mut next = queue.next();
     let mut fetched = 0;
     loop {
+        if next.is_none() && tasks.is_empty() {
+            break;
+        }
         tokio::select! {
             Some(event) = rx.recv() => progress.report(event),
-            joined = tasks.join_next() => match joined {
-                None => break,
-                Some(Ok(Ok((digest, was_fetched)))) => {
+            Some(joined) = tasks.join_next(), if !tasks.is_empty() => match joined {
+                Ok(Ok((digest, was_fetched))) => {
                     arrivals.stored(&digest);
                     fetched += usize::from(was_fetched);
                 }
-                Some(Ok(Err(e))) => return Err(e),
-                Some(Err(e)) => {
+                Ok(Err(e)) => return Err(e),
+                Err(e) => {
                     return Err(Error::Core(berth_core::Error::internal(format!(
                         "a blob download task failed: {e}"
                     ))));
                 }
             },
+            permit = Arc::clone(&permits).acquire_owned(), if next.is_some() => {
+                let permit = permit.map_err(|_| {
+                    Error::Core(berth_core::Error::internal("download slots closed"))
+                })?;
+                let Some(blob) = next.take() else { continue };
+                next = queue.next();
+                let (content, cx, client, reference) = (
+                    Arc::clone(&stores.content),
+                    cx.clone(),
+                    Arc::clone(client),
+                    Arc::clone(reference),
+                );
+                let (tx, multipart) = (tx.clone(), multipart.clone());
+                tasks.spawn(async move {
+                    let _permit = permit;
+                    let fetch = BlobFetch {
+                        client: &client,
+                        reference: &reference,
+                        multipart: multipart.as_ref(),
+                        progress: &tx,
+                    };
+                    let fetched = fetch.run(content.as_ref(), &cx, &blob).await?;
+                    Ok::<_, Error>((blob.digest, fetched))
+                });
+            }
         }
     }
+    drop(tx);
     while let Ok(event) = rx.try_recv() {
         progress.report(event);
     }
