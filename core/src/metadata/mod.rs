@@ -282,7 +282,7 @@ impl MetaStore {
         };
         journal::recover(&store.tree)?;
         store.migrate(migrations)?;
-        store.shared.db.flush()?;
+        store.shared.flush.flush_now(&store.shared.db)?;
         Ok(store)
     }
 
@@ -689,6 +689,8 @@ struct GroupFlush {
 
 struct FlushInner {
     state: Mutex<FlushState>,
+    /// sled's log file, synced after each flush (see [`SledLog`]); None with `no_sync`.
+    log: Option<SledLog>,
     flushes: std::sync::atomic::AtomicU64,
     flushed: tokio::sync::watch::Sender<u64>,
 }
@@ -713,7 +715,7 @@ impl FlushInner {
             inner: self,
             covered: None,
         };
-        let result = db.flush().map(|_| ()).map_err(Error::from);
+        let result = flush_durably(db, self.log.as_ref());
         self.flushes
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         if result.is_ok() {
@@ -745,10 +747,11 @@ impl Drop for Leading<'_> {
 }
 
 impl GroupFlush {
-    fn new() -> Self {
+    fn new(log: Option<SledLog>) -> Self {
         GroupFlush {
             inner: Arc::new(FlushInner {
                 state: Mutex::new(FlushState::default()),
+                log,
                 flushes: std::sync::atomic::AtomicU64::new(0),
                 flushed: tokio::sync::watch::Sender::new(0),
             }),
@@ -804,13 +807,73 @@ impl GroupFlush {
         // Read before the flush: every write numbered up to here is in the tree already
         // (numbers are taken after the batch is applied), so the flush covers it.
         let target = self.lock().written;
-        db.flush()?;
+        flush_durably(db, self.inner.log.as_ref())?;
         self.inner
             .flushes
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         self.inner.flushed.send_modify(|f| *f = (*f).max(target));
         Ok(())
     }
+}
+
+/// sled's log file (`<dir>/db`), opened beside the database to make its flushes durable.
+///
+/// sled 0.34 ends a flush with `sync_file_range`, which writes the log's pages and waits for
+/// them but commits no file metadata (the log grows as it fills segments) and asks the disk
+/// for no cache flush: a flushed change survives the daemon's death, not a power loss. A
+/// reply promises both (SPEC: durability unless `no_sync`), so every flush ends with an
+/// `fdatasync` of the same file, which is what bbolt does after each commit in containerd.
+/// The data pages are written by then, so it costs the journal commit and the cache flush.
+#[derive(Debug)]
+pub struct SledLog {
+    file: std::fs::File,
+    path: PathBuf,
+    syncs: std::sync::atomic::AtomicU64,
+}
+
+impl SledLog {
+    /// Opens the log of the sled database at `dir` (open already). Blocking.
+    pub fn open(dir: &Path) -> Result<SledLog> {
+        let path = dir.join("db");
+        let file = std::fs::File::open(&path).map_err(|e| {
+            Error::internal(format!(
+                "cannot open the metadata log {} to sync it: {e}",
+                path.display()
+            ))
+        })?;
+        Ok(SledLog {
+            file,
+            path,
+            syncs: std::sync::atomic::AtomicU64::new(0),
+        })
+    }
+
+    /// `fdatasync` of the log. Blocking.
+    pub fn sync(&self) -> Result<()> {
+        self.file.sync_data().map_err(|e| {
+            Error::internal(format!(
+                "cannot sync the metadata log {}: {e}",
+                self.path.display()
+            ))
+        })?;
+        self.syncs
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// How many syncs succeeded.
+    pub fn syncs(&self) -> u64 {
+        self.syncs.load(std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
+/// `db.flush()`, then the log's `fdatasync` when there is one (see [`SledLog`]). Blocking.
+pub fn flush_durably(db: &sled::Db, log: Option<&SledLog>) -> Result<()> {
+    db.flush()?;
+    if let Some(log) = log {
+        log.sync()?;
+    }
+    Ok(())
 }
 
 /// The core's sled database with its group commit: the metadata store's tree and the trees
@@ -862,9 +925,14 @@ impl SharedDb {
                     dir.display()
                 )),
             })?;
+        let log = if no_sync {
+            None
+        } else {
+            Some(SledLog::open(dir)?)
+        };
         Ok(Arc::new(SharedDb {
             db,
-            flush: GroupFlush::new(),
+            flush: GroupFlush::new(log),
             no_sync,
             path: dir.to_owned(),
             co_flushed: Mutex::new(BTreeSet::new()),
@@ -1247,6 +1315,36 @@ mod tests {
             flushes < 16,
             "64 concurrent writers shared flushes, yet {flushes} ran"
         );
+    }
+
+    /// A reply means durable against a power loss too: sled's own flush is only a
+    /// `sync_file_range`, so each write waits for the log's `fdatasync` as well; `no_sync`
+    /// skips both.
+    #[tokio::test]
+    async fn a_write_returns_after_the_log_is_synced_unless_no_sync() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = open(dir.path());
+        let log = store
+            .shared
+            .flush
+            .inner
+            .log
+            .as_ref()
+            .expect("a log to sync");
+        let before = log.syncs();
+        store
+            .create_namespace(&ns("durable"), Labels::new())
+            .await
+            .expect("create");
+        assert!(log.syncs() > before, "the write returned before a log sync");
+
+        let unsynced = tempfile::tempdir().expect("tempdir");
+        let config = MetadataConfig {
+            no_sync: true,
+            ..MetadataConfig::default()
+        };
+        let store = MetaStore::open(unsynced.path(), &config).expect("open no_sync");
+        assert!(store.shared.flush.inner.log.is_none());
     }
 
     /// A writer cancelled while its flush runs (a dropped gRPC call, the unpack of a pull

@@ -55,7 +55,7 @@ use std::time::SystemTime;
 use berth_core::error::{Error, ErrorKind, Result};
 use berth_core::filters::Filter;
 use berth_core::labels::{self, Labels};
-use berth_core::metadata::{SharedTree, journal};
+use berth_core::metadata::{SharedTree, SledLog, flush_durably, journal};
 use berth_core::snapshot::{SnapshotInfo, SnapshotKind, Usage};
 use serde::{Deserialize, Serialize};
 
@@ -166,8 +166,9 @@ impl std::fmt::Debug for SnapshotStore {
 
 /// Whose database the tree is in, which decides how a write is flushed.
 enum Backing {
-    /// `<root>/metadata.sled`, the store's own (a snapshotter served outside berthd).
-    Own(sled::Db),
+    /// `<root>/metadata.sled`, the store's own (a snapshotter served outside berthd), with
+    /// its log synced after each flush as the core's is.
+    Own(sled::Db, SledLog),
     /// A tree of the core's metadata database (a compiled-in snapshotter in berthd).
     Shared(SharedTree),
 }
@@ -255,22 +256,29 @@ impl SnapshotStore {
     /// Opens (creating) the store in the directory `dir`. Blocking.
     pub fn open(dir: &Path) -> Result<SnapshotStore> {
         let db = sled::Config::new().path(dir).open().map_err(|e| match e {
-            sled::Error::Io(io) if io.kind() == std::io::ErrorKind::WouldBlock => Error::new(
-                ErrorKind::Unavailable,
-                format!(
-                    "snapshotter metadata {} is locked by another process: is another berthd \
+            // sled reports the lock it could not take as an `Other` error naming it.
+            sled::Error::Io(io)
+                if io.kind() == std::io::ErrorKind::WouldBlock
+                    || io.to_string().starts_with("could not acquire lock") =>
+            {
+                Error::new(
+                    ErrorKind::Unavailable,
+                    format!(
+                        "snapshotter metadata {} is locked by another process: is another berthd \
                      using this root?",
-                    dir.display()
-                ),
-            ),
+                        dir.display()
+                    ),
+                )
+            }
             other => Error::internal(format!(
                 "cannot open snapshotter metadata {}: {other}",
                 dir.display()
             )),
         })?;
+        let log = SledLog::open(dir)?;
         let tree = db.open_tree(TREE).map_err(sled_error)?;
         let store = SnapshotStore {
-            backing: Backing::Own(db),
+            backing: Backing::Own(db, log),
             tree,
             writer: Mutex::new(()),
             ids: Mutex::new(IdState::default()),
@@ -408,7 +416,7 @@ impl SnapshotStore {
 
     fn flush(&self) -> Result<()> {
         match &self.backing {
-            Backing::Own(db) => db.flush().map(|_| ()).map_err(sled_error),
+            Backing::Own(db, log) => flush_durably(db, Some(log)),
             Backing::Shared(shared) => shared.flush(),
         }
     }
@@ -681,7 +689,7 @@ impl SnapshotStore {
             (record.id, record.kind.into())
         };
         match &self.backing {
-            Backing::Own(_) => self.flush()?,
+            Backing::Own(..) => self.flush()?,
             // In berthd only the metadata layer's collection removes backend snapshots, and
             // only those no namespace record names (backend keys are never reused): a removal
             // a crash loses brings back a record nothing names, which the next collection
