@@ -21,7 +21,6 @@ mod images;
 mod proxy;
 mod pull;
 mod results;
-mod scratch;
 
 /// Benchmarks berthd against Debian's containerd and writes bench/REPORT.md.
 #[derive(Debug, Parser)]
@@ -52,13 +51,6 @@ struct Args {
     /// Print the workloads and exit.
     #[arg(long)]
     list: bool,
-    /// Run the daemons in /tmp on the machine's own file system instead of on a journaled
-    /// ext4 the bench makes (see bench/src/scratch.rs for why that is the default).
-    #[arg(long)]
-    root_fs: bool,
-    /// Size of the bench's file system in GiB (a sparse image under /var/tmp).
-    #[arg(long, default_value_t = 24)]
-    scratch_gib: u64,
 }
 
 fn default_report() -> PathBuf {
@@ -290,18 +282,6 @@ fn run(args: &Args) -> Result<()> {
         "berth-bench measures the release build: run `cargo build --release -p berthd` first",
     )?;
     let containerd = berth_integration::containerd_binary()?;
-    let scratch = if args.root_fs {
-        None
-    } else {
-        let fs = scratch::ScratchFs::create(args.scratch_gib)
-            .context("making the bench's file system (or run with --root-fs)")?;
-        berth_integration::set_daemon_parent_dir(fs.path());
-        Some(fs)
-    };
-    let filesystem = match &scratch {
-        Some(fs) => fs.describe(),
-        None => "the machine's /tmp (`--root-fs`)".to_string(),
-    };
     // Start the harness runtime now so its set-up is not part of the first measurement.
     block_on_global(async {});
 
@@ -381,7 +361,6 @@ fn run(args: &Args) -> Result<()> {
                 warmup,
                 samples,
                 notes: w.notes(),
-                filesystem: filesystem.clone(),
             },
         );
         // Saved after each workload: a later failure keeps what was measured.
@@ -397,10 +376,6 @@ fn run(args: &Args) -> Result<()> {
         args.output.display(),
         results_path.display()
     );
-    // Daemons a workload keeps (and their mounts) go before the file system they are on.
-    drop(selected);
-    drop(all);
-    drop(scratch);
     Ok(())
 }
 
@@ -457,9 +432,10 @@ fn render(all: &[Box<dyn Workload>], stored: &results::Results) -> String {
     // One line per distinct run (workloads measured by the same command share it).
     let mut runs: Vec<(&results::WorkloadRun, Vec<&str>)> = Vec::new();
     for (w, r) in &present {
-        match runs.iter_mut().find(|(seen, _)| {
-            seen.command == r.command && seen.berthd == r.berthd && seen.filesystem == r.filesystem
-        }) {
+        match runs
+            .iter_mut()
+            .find(|(seen, _)| seen.command == r.command && seen.berthd == r.berthd)
+        {
             Some((_, names)) => names.push(w.name()),
             None => runs.push((r, vec![w.name()])),
         }
@@ -468,19 +444,14 @@ fn render(all: &[Box<dyn Workload>], stored: &results::Results) -> String {
         let _ = writeln!(
             s,
             "- {}: {} (`{}`), {} measured runs per daemon after {} warm-up, alternating the \
-             daemons run by run; berthd {}; containerd {}; daemons on {}",
+             daemons run by run; berthd {}; containerd {}",
             names.join(", "),
             r.date,
             r.command,
             r.runs,
             r.warmup,
             r.berthd,
-            r.containerd,
-            if r.filesystem.is_empty() {
-                "the machine's /tmp"
-            } else {
-                &r.filesystem
-            }
+            r.containerd
         );
     }
     let _ = writeln!(s);

@@ -90,7 +90,7 @@ impl ProxyProcess {
         let binary = proxy_binary()?;
         let dir = tempfile::Builder::new()
             .prefix("berth-bp")
-            .tempdir_in(berth_integration::daemon_parent_dir())
+            .tempdir_in("/tmp")
             .context("proxy temp dir")?;
         let socket = dir.path().join("p.sock");
         let mut cmd = Command::new(&binary);

@@ -34,10 +34,6 @@ pub struct WorkloadRun {
     pub samples: BTreeMap<String, BTreeMap<String, Vec<f64>>>,
     /// The workload's notes from that run.
     pub notes: Vec<String>,
-    /// The file system the daemons' directories were on (empty in runs from before it was
-    /// recorded: the machine's `/tmp`).
-    #[serde(default)]
-    pub filesystem: String,
 }
 
 impl WorkloadRun {
@@ -105,7 +101,6 @@ mod tests {
                 BTreeMap::from([("berthd".to_string(), vec![v])]),
             )]),
             notes: vec![],
-            filesystem: String::new(),
         };
         let mut results = Results::default();
         results.workloads.insert("a".into(), run("d1", 1.0));

@@ -661,7 +661,7 @@ impl Daemon {
         };
         let dir = tempfile::Builder::new()
             .prefix(prefix)
-            .tempdir_in(daemon_parent_dir())
+            .tempdir_in("/tmp")
             .context("creating the daemon's temporary directory")?;
         let dir_path = dir.path().to_path_buf();
         let root = opts.root.clone().unwrap_or_else(|| dir_path.join("root"));
@@ -1066,36 +1066,6 @@ impl Drop for Daemon {
             }
         }
     }
-}
-
-/// The variable naming where daemons get their directories (default `/tmp`).
-pub const DAEMON_DIR_VAR: &str = "BERTH_DAEMON_DIR";
-
-/// Set by [`set_daemon_parent_dir`]; wins over the variable.
-static DAEMON_DIR: std::sync::Mutex<Option<PathBuf>> = std::sync::Mutex::new(None);
-
-/// Makes every later [`Daemon`] of this process take its directory under `dir` (the bench
-/// points it at a file system of its own).
-pub fn set_daemon_parent_dir(dir: &Path) {
-    *DAEMON_DIR
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(dir.to_path_buf());
-}
-
-/// Where [`Daemon`] makes each daemon's directory (root, state, socket): the directory
-/// [`set_daemon_parent_dir`] set, else `$BERTH_DAEMON_DIR`, else `/tmp` (short enough for
-/// socket paths).
-pub fn daemon_parent_dir() -> PathBuf {
-    let set = DAEMON_DIR
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
-        .clone();
-    set.or_else(|| {
-        std::env::var_os(DAEMON_DIR_VAR)
-            .filter(|v| !v.is_empty())
-            .map(PathBuf::from)
-    })
-    .unwrap_or_else(|| PathBuf::from("/tmp"))
 }
 
 /// Unmounts (lazily, deepest first) every mount point at or below `dir`.
