@@ -330,6 +330,8 @@ fn run(args: &Args) -> Result<()> {
                 let values = w
                     .run(kind, &ctx)
                     .with_context(|| format!("{} against {kind}", w.name()))?;
+                // What this run left dirty is written back now, not during the next run.
+                nix::unistd::sync();
                 let label = if measured {
                     format!("run {}/{}", i - warmup + 1, runs)
                 } else {
@@ -568,7 +570,7 @@ fn render(all: &[Box<dyn Workload>], stored: &results::Results) -> String {
     }
     let _ = writeln!(
         s,
-        "\nEach run starts the daemon on a fresh private root, state and socket under /tmp (Debian's containerd with config version 2 and the CRI plugin disabled) and stops it with SIGTERM afterwards. The content, lease, GC and image workloads give both daemons the same extra TOML, `[plugins.\"io.containerd.gc.v1.scheduler\"] startup_delay = \"1h\"`, so the automatic collection 100 ms after start-up never lands inside a measurement; snapshot-ops keeps the default collector settings and starts measuring 300 ms after start-up. Timings are reported here only; they are never part of pass/fail tests."
+        "\nEach run starts the daemon on a fresh private root, state and socket under /tmp (Debian's containerd with config version 2 and the CRI plugin disabled) and stops it with SIGTERM afterwards. The content, lease, GC and image workloads give both daemons the same extra TOML, `[plugins.\"io.containerd.gc.v1.scheduler\"] startup_delay = \"1h\"`, so the automatic collection 100 ms after start-up never lands inside a measurement; snapshot-ops keeps the default collector settings and starts measuring 300 ms after start-up. After each run its directory is deleted and the bench calls sync(2), so no run's writeback lands in the next. Durability is alike: containerd's bolt fdatasyncs each commit, berthd fdatasyncs its sled log after each (group) flush. Timings are reported here only; they are never part of pass/fail tests.\n\n**This machine's file system.** The root ext4 of this VM has no journal (`/proc/fs/jbd2/` lists none for it). Without one, ext4 skips on every inode allocation each free inode deleted in the last minute or more, reading its on-disk inode to find out (`recently_deleted()` in `fs/ext4/ialloc.c`). Every run creates its files right after the previous run's directory, with tens of thousands of files for the unpacking workloads, was deleted, so both daemons pay a scan per file created: `perf` put a third of an unpack's CPU time in `find_inode_bit`/`recently_deleted`, and the same `berth pull` of the same build took 1.1 s where nothing had been deleted before it and 1.8 s to 2.6 s in these runs. A journaled ext4 or XFS does not have this cost; it weighs more in the share of the faster daemon."
     );
     s
 }
