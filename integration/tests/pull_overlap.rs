@@ -13,7 +13,9 @@ use std::time::{Duration, Instant};
 use berth_integration::images::{self, LayerCompression, TestImage};
 use berth_integration::recording_proxy::{ProxySettings, RecordingProxy};
 use berth_integration::registry::{Registry, RegistryOptions};
-use berth_integration::{Daemon, Kind, Options, berth_cli_command, finish_within, run_command};
+use berth_integration::{
+    CmdOutput, Daemon, Kind, Options, berth_cli_command, finish_within, run_command,
+};
 
 /// The multi-layer image, small (shared with the other pull tests' cache).
 const IMAGE: &str = "docker.io/library/berth-multilayer:pull";
@@ -33,6 +35,20 @@ fn registry_with(image: &TestImage) -> Registry {
     reg.push_tagged(&image.layout, "pull", REPO_TAG)
         .expect("pushing the image");
     reg
+}
+
+/// `berth pull` of the image through `proxy`, waited for (bounded).
+fn pull_through(d: &Daemon, ns: &str, proxy: &RecordingProxy) -> CmdOutput {
+    let reference = format!("{}/{REPO_TAG}", proxy.host());
+    run_command(
+        &mut berth_cli_command(
+            d,
+            ns,
+            &["pull", "--plain-http", "--progress", "plain", &reference],
+        ),
+        PULL_LIMIT,
+    )
+    .unwrap_or_else(|e| panic!("{e:#}\n{}", d.log_tail()))
 }
 
 fn committed_snapshots(d: &Daemon, ns: &str) -> String {
@@ -141,16 +157,7 @@ fn a_layer_download_that_breaks_fails_the_pull_with_the_download_error() {
     .expect("starting the proxy");
     let d = Daemon::start(Kind::Berthd);
     let ns = "broken";
-    let reference = format!("{}/{REPO_TAG}", proxy.host());
-    let out = run_command(
-        &mut berth_cli_command(
-            &d,
-            ns,
-            &["pull", "--plain-http", "--progress", "plain", &reference],
-        ),
-        PULL_LIMIT,
-    )
-    .unwrap_or_else(|e| panic!("{e:#}\n{}", d.log_tail()));
+    let out = pull_through(&d, ns, &proxy);
     let stderr = &out.stderr;
     assert!(!out.status.success(), "the pull must fail: {stderr}");
     assert!(
@@ -185,16 +192,7 @@ fn blobs_are_fetched_config_first_then_layers_bottom_up() {
         },
     );
     let ns = "order";
-    let reference = format!("{}/{REPO_TAG}", proxy.host());
-    let out = run_command(
-        &mut berth_cli_command(
-            &d,
-            ns,
-            &["pull", "--plain-http", "--progress", "plain", &reference],
-        ),
-        PULL_LIMIT,
-    )
-    .unwrap_or_else(|e| panic!("{e:#}\n{}", d.log_tail()));
+    let out = pull_through(&d, ns, &proxy);
     assert!(
         out.status.success(),
         "berth pull failed: {}\n{}",
