@@ -354,11 +354,12 @@ impl<L: Layout> Engine<L> {
                         .map_err(|e| FsError::new("remove leftover directory", &target, e))?;
                 }
                 std::fs::rename(dir, &target).map_err(|e| FsError::new("rename", dir, e))?;
-                // No fsync of snapshots/ here (it cost more than the record's flush): a killed
-                // daemon's renames are in the page cache, which survives it, and the record's
-                // own flush (sled's, through sync_file_range) is no barrier against a power
-                // loss either, so the directory sync bought no crash case. containerd's
-                // snapshotters do not sync the directory either.
+                // No fsync of snapshots/ here (it cost more than the record's flush), as in
+                // containerd's snapshotters: a killed daemon's renames are in the page cache,
+                // which survives it. Against a power loss, on a journaled file system the
+                // record's flush (which ends in an fdatasync, see `SledLog`) commits the
+                // journal transaction that holds the rename as well; on one without a journal
+                // the rename can be lost while the record stays.
             }
             Ok(())
         });
