@@ -22,6 +22,11 @@ use crate::locks::RefLock;
 /// Read size for re-hashing and for reads.
 pub(crate) const CHUNK: usize = 1 << 20;
 
+/// Bytes appended after which an ingest has what it wrote so far written back in the
+/// background, so the fsync at commit waits only for the tail: a client or registry feeds an
+/// ingest far slower than the disk writes, yet a 1 GiB blob's fsync at once took 0.6 s here.
+const WRITEBACK_STEP: u64 = 32 << 20;
+
 /// The state of one open ingest. It sits behind a mutex that only blocking tasks hold for
 /// long, so a write whose future was dropped finishes (or fails) before anything else runs.
 struct Ingest {
@@ -39,6 +44,10 @@ struct Ingest {
     /// Released explicitly after commit or close finished with the files, not whenever the
     /// last reference to this state goes away.
     lock: Option<RefLock>,
+    /// Offset up to which a background writeback was started.
+    written_back: u64,
+    /// Whether one runs now (one at a time per ingest).
+    writing_back: Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// A writer holding one ingest of a [`crate::LocalStore`].
@@ -98,6 +107,8 @@ fn open(layout: Layout, request: WriterRequest, ref_lock: RefLock) -> Result<Ing
                     status,
                     broken: None,
                     lock: Some(ref_lock),
+                    written_back: 0,
+                    writing_back: Arc::default(),
                 });
             }
             Err(why) => tracing::warn!(
@@ -118,6 +129,8 @@ fn open(layout: Layout, request: WriterRequest, ref_lock: RefLock) -> Result<Ing
         status,
         broken: None,
         lock: Some(ref_lock),
+        written_back: 0,
+        writing_back: Arc::default(),
     })
 }
 
@@ -319,7 +332,35 @@ impl Ingest {
         self.digester.update(data);
         self.status.offset += data.len() as u64;
         self.status.updated_at = SystemTime::now();
+        self.start_writeback();
         Ok(())
+    }
+
+    /// Every [`WRITEBACK_STEP`] bytes, an `fdatasync` of the data file on the blocking pool.
+    /// It gets a file of its own, not a duplicate of the writer's: a write-back error is
+    /// reported once per open file, and the commit's own fsync must still see it.
+    fn start_writeback(&mut self) {
+        use std::sync::atomic::Ordering;
+        if self.status.offset.saturating_sub(self.written_back) < WRITEBACK_STEP
+            || self.writing_back.swap(true, Ordering::AcqRel)
+        {
+            return;
+        }
+        let busy = Arc::clone(&self.writing_back);
+        let (Ok(runtime), Ok(file)) = (
+            tokio::runtime::Handle::try_current(),
+            File::open(self.data_path()),
+        ) else {
+            busy.store(false, Ordering::Release);
+            return;
+        };
+        self.written_back = self.status.offset;
+        drop(runtime.spawn_blocking(move || {
+            // Only an early start: the commit's fsync is what makes the blob durable and
+            // reports a failure.
+            let _ = file.sync_data();
+            busy.store(false, Ordering::Release);
+        }));
     }
 
     fn restart(&mut self) -> Result<()> {
@@ -331,6 +372,7 @@ impl Ingest {
         self.digester = Digester::new(self.algorithm);
         self.broken = None;
         self.status.offset = 0;
+        self.written_back = 0;
         self.status.updated_at = SystemTime::now();
         Ok(())
     }

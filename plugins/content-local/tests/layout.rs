@@ -454,3 +454,36 @@ async fn registration_creates_the_root_and_exports_it() {
             .is_empty()
     );
 }
+
+/// A blob bigger than the background write-back step (32 MiB): write-backs start while it
+/// is written, and after one (the data file truncated and rewritten) the blob still commits
+/// whole, byte for byte.
+#[tokio::test]
+async fn a_blob_written_back_while_it_grows_commits_whole() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let root = dir.path().join("content");
+    let store = store_in(&root).await;
+    let chunk = bytes(7, 1 << 20);
+    let total = 70 * chunk.len();
+    let data: Vec<u8> = chunk.iter().copied().cycle().take(total).collect();
+    let digest = Digest::sha256_of(&data);
+    let mut w = store
+        .writer(&cx(), request("big", total as u64, Some(&digest)))
+        .await
+        .expect("writer");
+    for part in data.chunks(1 << 20).take(40) {
+        w.write(part).await.expect("write");
+    }
+    w.truncate(0).await.expect("truncate");
+    for part in data.chunks(1 << 20) {
+        w.write(part).await.expect("write");
+    }
+    w.commit(total as u64, Some(digest.clone()), Labels::new())
+        .await
+        .expect("commit");
+    let stored = fs::read(root.join("blobs/sha256").join(digest.hex())).expect("blob");
+    assert!(
+        stored == data,
+        "the committed blob differs from what was written"
+    );
+}
