@@ -70,6 +70,42 @@ impl ImageRecord {
     }
 }
 
+/// Applies an Update's field paths (containerd's: `labels`, `labels.<key>`, `target`,
+/// `annotations`, `annotations.<key>`; none replaces labels and target) from `image` to
+/// `record`. An empty value for a key removes it.
+fn apply_fieldpaths(record: &mut ImageRecord, image: &Image, fieldpaths: &[String]) -> Result<()> {
+    if fieldpaths.is_empty() {
+        record.labels = image.labels.clone();
+        record.target = target_record(&image.target);
+    }
+    for path in fieldpaths {
+        if let Some(key) = path.strip_prefix("labels.") {
+            match image.labels.get(key).filter(|v| !v.is_empty()) {
+                Some(v) => record.labels.insert(key.to_owned(), v.clone()),
+                None => record.labels.remove(key),
+            };
+        } else if let Some(key) = path.strip_prefix("annotations.") {
+            match image.target.annotations.get(key).filter(|v| !v.is_empty()) {
+                Some(v) => record.target.annotations.insert(key.to_owned(), v.clone()),
+                None => record.target.annotations.remove(key),
+            };
+        } else {
+            match path.as_str() {
+                "labels" => record.labels = image.labels.clone(),
+                "target" => record.target = target_record(&image.target),
+                "annotations" => record.target.annotations = image.target.annotations.clone(),
+                other => {
+                    return Err(Error::invalid_argument(format!(
+                        "cannot update {other:?} field on image {:?}",
+                        image.name
+                    )));
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
 fn target_record(d: &Descriptor) -> TargetRecord {
     TargetRecord {
         media_type: d.media_type.clone(),
@@ -213,38 +249,7 @@ impl Metadata {
                     let mut record: ImageRecord =
                         txn.get_object(ns, &ObjectKind::Images, &name)?
                             .ok_or_else(|| Error::not_found(format!("image {name:?}")))?;
-                    if fieldpaths.is_empty() {
-                        record.labels = image.labels.clone();
-                        record.target = target_record(&image.target);
-                    }
-                    for path in fieldpaths {
-                        if let Some(key) = path.strip_prefix("labels.") {
-                            match image.labels.get(key).filter(|v| !v.is_empty()) {
-                                Some(v) => record.labels.insert(key.to_owned(), v.clone()),
-                                None => record.labels.remove(key),
-                            };
-                        } else if let Some(key) = path.strip_prefix("annotations.") {
-                            match image.target.annotations.get(key).filter(|v| !v.is_empty()) {
-                                Some(v) => {
-                                    record.target.annotations.insert(key.to_owned(), v.clone())
-                                }
-                                None => record.target.annotations.remove(key),
-                            };
-                        } else {
-                            match path.as_str() {
-                                "labels" => record.labels = image.labels.clone(),
-                                "target" => record.target = target_record(&image.target),
-                                "annotations" => {
-                                    record.target.annotations = image.target.annotations.clone();
-                                }
-                                other => {
-                                    return Err(Error::invalid_argument(format!(
-                                        "cannot update {other:?} field on image {name:?}"
-                                    )));
-                                }
-                            }
-                        }
-                    }
+                    apply_fieldpaths(&mut record, &image, fieldpaths)?;
                     let updated = record.clone().image(name.clone());
                     validate(&updated)?;
                     record.updated_at = source_date_epoch.unwrap_or_else(SystemTime::now);
