@@ -341,11 +341,10 @@ async fn fetch_blobs(
     // bottom up), not raced for by the tasks: tasks reach a semaphore in whatever order the
     // scheduler polls them, and the unpack, which applies layers in order, waited for a
     // first layer that had been queued behind the big ones.
-    let mut queue = blobs.into_iter();
-    let mut next = queue.next();
+    let mut queue = blobs.into_iter().peekable();
     let mut fetched = 0;
     loop {
-        if next.is_none() && tasks.is_empty() {
+        if queue.peek().is_none() && tasks.is_empty() {
             break;
         }
         tokio::select! {
@@ -362,12 +361,11 @@ async fn fetch_blobs(
                     ))));
                 }
             },
-            permit = Arc::clone(&permits).acquire_owned(), if next.is_some() => {
+            permit = Arc::clone(&permits).acquire_owned(), if queue.peek().is_some() => {
                 let permit = permit.map_err(|_| {
                     Error::Core(berth_core::Error::internal("download slots closed"))
                 })?;
-                let Some(blob) = next.take() else { continue };
-                next = queue.next();
+                let Some(blob) = queue.next() else { continue };
                 let (content, cx, client, reference) = (
                     Arc::clone(&stores.content),
                     cx.clone(),
