@@ -867,6 +867,27 @@ impl SledLog {
     }
 }
 
+/// Opens the sled database `config` describes, at `dir`; `what` names it in errors. sled
+/// reports a lock another process holds as an `Other` error naming it: that becomes
+/// Unavailable with a hint (two berthds on one root), anything else Internal.
+pub fn open_sled(config: sled::Config, dir: &Path, what: &str) -> Result<sled::Db> {
+    config.open().map_err(|e| match e {
+        sled::Error::Io(io)
+            if io.kind() == std::io::ErrorKind::WouldBlock
+                || io.to_string().starts_with("could not acquire lock") =>
+        {
+            Error::new(
+                crate::ErrorKind::Unavailable,
+                format!(
+                    "{what} {} is locked by another process: is another berthd using this root?",
+                    dir.display()
+                ),
+            )
+        }
+        other => Error::internal(format!("cannot open {what} {}: {other}", dir.display())),
+    })
+}
+
 /// `db.flush()`, then the log's `fdatasync` when there is one (see [`SledLog`]). Blocking.
 pub fn flush_durably(db: &sled::Db, log: Option<&SledLog>) -> Result<()> {
     db.flush()?;
@@ -901,30 +922,13 @@ impl SharedDb {
     /// Opens (creating) the database at `dir`; with `no_sync`, sled flushes in the background
     /// and [`SharedTree::flush`] does nothing. Blocking.
     pub fn open(dir: &Path, no_sync: bool) -> Result<Arc<SharedDb>> {
-        let db = sled::Config::new()
-            .path(dir)
-            .flush_every_ms(if no_sync { Some(1000) } else { None })
-            .open()
-            .map_err(|e| match e {
-                // sled reports the lock it could not take as an `Other` error naming it.
-                sled::Error::Io(io)
-                    if io.kind() == std::io::ErrorKind::WouldBlock
-                        || io.to_string().starts_with("could not acquire lock") =>
-                {
-                    Error::new(
-                        crate::ErrorKind::Unavailable,
-                        format!(
-                            "metadata store {} is locked by another process: is another berthd \
-                             using this root?",
-                            dir.display()
-                        ),
-                    )
-                }
-                other => Error::internal(format!(
-                    "cannot open metadata store {}: {other}",
-                    dir.display()
-                )),
-            })?;
+        let db = open_sled(
+            sled::Config::new()
+                .path(dir)
+                .flush_every_ms(if no_sync { Some(1000) } else { None }),
+            dir,
+            "metadata store",
+        )?;
         let log = if no_sync {
             None
         } else {
@@ -1314,6 +1318,21 @@ mod tests {
         assert!(
             flushes < 16,
             "64 concurrent writers shared flushes, yet {flushes} ran"
+        );
+    }
+
+    /// A database another holder has open is Unavailable with the hint, naming the store.
+    #[test]
+    fn a_locked_database_is_unavailable_with_a_hint() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("meta");
+        let _held = SharedDb::open(&path, false).expect("first open");
+        let e = SharedDb::open(&path, false).expect_err("second open must fail");
+        assert_eq!(e.kind(), crate::ErrorKind::Unavailable, "{e}");
+        let text = e.to_string();
+        assert!(
+            text.contains("metadata store") && text.contains("another berthd"),
+            "{text}"
         );
     }
 

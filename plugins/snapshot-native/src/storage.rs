@@ -55,7 +55,7 @@ use std::time::SystemTime;
 use berth_core::error::{Error, ErrorKind, Result};
 use berth_core::filters::Filter;
 use berth_core::labels::{self, Labels};
-use berth_core::metadata::{SharedTree, SledLog, flush_durably, journal};
+use berth_core::metadata::{SharedTree, SledLog, flush_durably, journal, open_sled};
 use berth_core::snapshot::{SnapshotInfo, SnapshotKind, Usage};
 use serde::{Deserialize, Serialize};
 
@@ -255,26 +255,7 @@ pub fn apply_label_paths(
 impl SnapshotStore {
     /// Opens (creating) the store in the directory `dir`. Blocking.
     pub fn open(dir: &Path) -> Result<SnapshotStore> {
-        let db = sled::Config::new().path(dir).open().map_err(|e| match e {
-            // sled reports the lock it could not take as an `Other` error naming it.
-            sled::Error::Io(io)
-                if io.kind() == std::io::ErrorKind::WouldBlock
-                    || io.to_string().starts_with("could not acquire lock") =>
-            {
-                Error::new(
-                    ErrorKind::Unavailable,
-                    format!(
-                        "snapshotter metadata {} is locked by another process: is another berthd \
-                     using this root?",
-                        dir.display()
-                    ),
-                )
-            }
-            other => Error::internal(format!(
-                "cannot open snapshotter metadata {}: {other}",
-                dir.display()
-            )),
-        })?;
+        let db = open_sled(sled::Config::new().path(dir), dir, "snapshotter metadata")?;
         let log = SledLog::open(dir)?;
         let tree = db.open_tree(TREE).map_err(sled_error)?;
         let store = SnapshotStore {
