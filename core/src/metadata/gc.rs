@@ -13,6 +13,7 @@
 use std::collections::{BTreeSet, HashSet, VecDeque};
 use std::time::{Duration, Instant, SystemTime};
 
+use serde::Deserialize as _;
 use serde_json::Value;
 
 use crate::content::CallContext;
@@ -138,10 +139,13 @@ pub struct GcReport {
 
 struct Graph {
     records: std::collections::BTreeMap<Node, Value>,
+    /// Each lease's resources, by namespace and lease id.
+    lease_resources: std::collections::BTreeMap<(String, String), Vec<super::leases::Resource>>,
 }
 
 impl Graph {
     fn load(txn: &WriteTxn<'_>) -> Result<Graph> {
+        let lease_resources = super::leases::all_resources(txn)?;
         let mut records = std::collections::BTreeMap::new();
         for (key, value) in txn.scan_prefix(b"o\0")? {
             let mut parts = key[2..].splitn(3, |&b| b == 0);
@@ -157,7 +161,10 @@ impl Graph {
             let value: Value = serde_json::from_slice(&value).unwrap_or(Value::Null);
             records.insert(node, value);
         }
-        Ok(Graph { records })
+        Ok(Graph {
+            records,
+            lease_resources,
+        })
     }
 
     fn labels(record: &Value) -> Option<&serde_json::Map<String, Value>> {
@@ -172,7 +179,7 @@ impl Graph {
         for (node, record) in &self.records {
             match node.kind.as_str() {
                 "leases" => {
-                    let Ok(lease) = serde_json::from_value::<LeaseRecord>(record.clone()) else {
+                    let Ok(lease) = LeaseRecord::deserialize(record) else {
                         continue;
                     };
                     if lease.expired(now) {
@@ -180,7 +187,8 @@ impl Graph {
                     }
                     marked.insert(node.clone());
                     let flat = lease.flat();
-                    for r in &lease.resources {
+                    let key = (node.namespace.clone(), node.id.clone());
+                    for r in self.lease_resources.get(&key).into_iter().flatten() {
                         if let Some(kind) = r.object_kind() {
                             queue.push_back((
                                 Node {
@@ -198,7 +206,7 @@ impl Graph {
                     // As containerd: an ingest is a root only while its expiry lies ahead.
                     // Leased ingests have none; their lease holds them, and once it is gone
                     // nothing does.
-                    let fresh = serde_json::from_value::<IngestRecord>(record.clone())
+                    let fresh = IngestRecord::deserialize(record)
                         .ok()
                         .and_then(|r| r.expires_at)
                         .is_some_and(|t| t >= now);
@@ -332,9 +340,7 @@ impl Metadata {
                                 live_blobs.insert(node.id.clone());
                             }
                             "ingests" => {
-                                if let Ok(r) =
-                                    serde_json::from_value::<IngestRecord>(record.clone())
-                                {
+                                if let Ok(r) = IngestRecord::deserialize(record) {
                                     if r.shared
                                         && let Some(e) = &r.expected
                                     {
@@ -348,6 +354,12 @@ impl Metadata {
                         continue;
                     }
                     let ns = Namespace::parse(&node.namespace)?;
+                    if node.kind == "leases" {
+                        // An expired lease goes with its resource records.
+                        super::leases::remove_lease(txn, &ns, &node.id)?;
+                        removed.push(node.clone());
+                        continue;
+                    }
                     let kind = match node.kind.as_str() {
                         "content" => ObjectKind::Content,
                         "ingests" => ObjectKind::Ingests,
@@ -491,9 +503,16 @@ pub fn parse_go_duration(text: &str) -> Result<Duration> {
 
 impl Graph {
     #[cfg(test)]
-    fn from_records(records: Vec<(Node, Value)>) -> Graph {
+    fn from_records(
+        records: Vec<(Node, Value)>,
+        lease_resources: Vec<(Node, Vec<super::leases::Resource>)>,
+    ) -> Graph {
         Graph {
             records: records.into_iter().collect(),
+            lease_resources: lease_resources
+                .into_iter()
+                .map(|(lease, resources)| ((lease.namespace, lease.id), resources))
+                .collect(),
         }
     }
 }
@@ -530,30 +549,33 @@ mod tests {
     #[test]
     fn marking_follows_labels_targets_and_parents() {
         let now = SystemTime::now();
-        let graph = Graph::from_records(vec![
-            (
-                node("a", "images", "img"),
-                json!({"target": {"digest": "sha256:m"}}),
-            ),
-            (
-                node("a", "content", "sha256:m"),
-                json!({"labels": {"containerd.io/gc.ref.content.l.0": "sha256:l",
+        let graph = Graph::from_records(
+            vec![
+                (
+                    node("a", "images", "img"),
+                    json!({"target": {"digest": "sha256:m"}}),
+                ),
+                (
+                    node("a", "content", "sha256:m"),
+                    json!({"labels": {"containerd.io/gc.ref.content.l.0": "sha256:l",
                                    "containerd.io/gc.ref.snapshot.overlayfs": "top"}}),
-            ),
-            (node("a", "content", "sha256:l"), json!({})),
-            (node("a", "content", "sha256:orphan"), json!({})),
-            (
-                node("a", "snapshots/overlayfs", "top"),
-                json!({"parent": "base"}),
-            ),
-            (node("a", "snapshots/overlayfs", "base"), json!({})),
-            (node("a", "snapshots/overlayfs", "stray"), json!({})),
-            (node("b", "content", "sha256:l"), json!({})),
-            (
-                node("b", "content", "sha256:rooted"),
-                json!({"labels": {"containerd.io/gc.root": "x"}}),
-            ),
-        ]);
+                ),
+                (node("a", "content", "sha256:l"), json!({})),
+                (node("a", "content", "sha256:orphan"), json!({})),
+                (
+                    node("a", "snapshots/overlayfs", "top"),
+                    json!({"parent": "base"}),
+                ),
+                (node("a", "snapshots/overlayfs", "base"), json!({})),
+                (node("a", "snapshots/overlayfs", "stray"), json!({})),
+                (node("b", "content", "sha256:l"), json!({})),
+                (
+                    node("b", "content", "sha256:rooted"),
+                    json!({"labels": {"containerd.io/gc.root": "x"}}),
+                ),
+            ],
+            Vec::new(),
+        );
         let marked = graph.mark(now);
         for kept in [
             node("a", "images", "img"),
@@ -578,30 +600,38 @@ mod tests {
     #[test]
     fn flat_and_expired_leases() {
         let now = SystemTime::now();
-        let lease = |labels: Value, id: &str| {
+        let lease = |labels: Value| {
             json!({"created_at": {"secs_since_epoch": 0, "nanos_since_epoch": 0},
-                   "labels": labels,
-                   "resources": [{"type": "content", "id": id}]})
+                   "labels": labels})
         };
-        let graph = Graph::from_records(vec![
+        let holds = |lease: &str, id: &str| {
             (
-                node("a", "leases", "flat"),
-                lease(json!({"containerd.io/gc.flat": "1"}), "sha256:f"),
-            ),
-            (
-                node("a", "content", "sha256:f"),
-                json!({"labels": {"containerd.io/gc.ref.content": "sha256:child"}}),
-            ),
-            (node("a", "content", "sha256:child"), json!({})),
-            (
-                node("a", "leases", "old"),
-                lease(
-                    json!({"containerd.io/gc.expire": "2000-01-01T00:00:00Z"}),
-                    "sha256:o",
+                node("a", "leases", lease),
+                vec![super::super::leases::Resource {
+                    kind: "content".into(),
+                    id: id.into(),
+                }],
+            )
+        };
+        let graph = Graph::from_records(
+            vec![
+                (
+                    node("a", "leases", "flat"),
+                    lease(json!({"containerd.io/gc.flat": "1"})),
                 ),
-            ),
-            (node("a", "content", "sha256:o"), json!({})),
-        ]);
+                (
+                    node("a", "content", "sha256:f"),
+                    json!({"labels": {"containerd.io/gc.ref.content": "sha256:child"}}),
+                ),
+                (node("a", "content", "sha256:child"), json!({})),
+                (
+                    node("a", "leases", "old"),
+                    lease(json!({"containerd.io/gc.expire": "2000-01-01T00:00:00Z"})),
+                ),
+                (node("a", "content", "sha256:o"), json!({})),
+            ],
+            vec![holds("flat", "sha256:f"), holds("old", "sha256:o")],
+        );
         let marked = graph.mark(now);
         assert!(marked.contains(&node("a", "content", "sha256:f")));
         assert!(

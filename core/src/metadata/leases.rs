@@ -3,9 +3,14 @@
 //! A lease is a GC root until its `containerd.io/gc.expire` time passes. It holds the
 //! resources listed in it; with `containerd.io/gc.flat` it holds only those, without
 //! following their references. Anything created under the `containerd-lease` header joins
-//! the lease. Records live at `o\0<ns>\0leases\0<id>` with their resource set embedded.
+//! the lease. Records live at `o\0<ns>\0leases\0<id>`; each resource a lease holds is an
+//! empty record of its own at `l\0<ns>\0<id>\0<type>\0<resource id>` (ids escaped as in
+//! object keys), as containerd keeps a bucket per lease: adding one is one small write
+//! whatever the lease holds already. (A resource set inside the lease's record made every
+//! addition rewrite all of them: 10,000 blobs under one lease meant 10,000 rewrites of a
+//! record growing to a megabyte.)
 
-use std::collections::BTreeSet;
+use std::collections::BTreeMap;
 use std::time::SystemTime;
 
 use serde::{Deserialize, Serialize};
@@ -15,7 +20,7 @@ use crate::error::{Classify as _, Error, Result};
 use crate::filters::Filter;
 use crate::labels::{self, Labels};
 use crate::metadata::db::{Metadata, Mutation, lease_missing};
-use crate::metadata::{ObjectKind, WriteTxn};
+use crate::metadata::{ObjectKind, WriteTxn, escape_id, object_key, unescape_id};
 use crate::namespace::Namespace;
 
 /// Label holding the RFC 3339 time after which a lease no longer protects anything.
@@ -105,14 +110,12 @@ impl Resource {
     }
 }
 
-/// A lease's stored record.
+/// A lease's stored record (its resources are records of their own, see the module).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub(crate) struct LeaseRecord {
     pub(crate) created_at: SystemTime,
     #[serde(default)]
     pub(crate) labels: Labels,
-    #[serde(default)]
-    pub(crate) resources: BTreeSet<Resource>,
 }
 
 impl LeaseRecord {
@@ -144,8 +147,63 @@ impl LeaseRecord {
     }
 }
 
-fn read_lease(txn: &WriteTxn<'_>, ns: &Namespace, id: &str) -> Result<Option<LeaseRecord>> {
-    txn.get_object(ns, &ObjectKind::Leases, id)
+fn lease_exists(txn: &WriteTxn<'_>, ns: &Namespace, id: &str) -> Result<bool> {
+    Ok(txn
+        .get(&object_key(ns, &ObjectKind::Leases, id)?)?
+        .is_some())
+}
+
+/// Where the resource records of lease `id` start.
+fn resources_prefix(ns: &Namespace, id: &str) -> Vec<u8> {
+    [b"l\0", ns.as_str().as_bytes(), b"\0", &escape_id(id), b"\0"].concat()
+}
+
+fn resource_key(ns: &Namespace, id: &str, resource: &Resource) -> Vec<u8> {
+    [
+        resources_prefix(ns, id),
+        escape_id(&resource.kind),
+        b"\0".to_vec(),
+        escape_id(&resource.id),
+    ]
+    .concat()
+}
+
+/// The resource a resource record's key names after its lease's prefix.
+fn parse_resource(rest: &[u8]) -> Option<Resource> {
+    let split = rest.iter().position(|b| *b == 0)?;
+    Some(Resource {
+        kind: unescape_id(&rest[..split]),
+        id: unescape_id(&rest[split + 1..]),
+    })
+}
+
+/// The resources of lease `id` as the write `txn` sees them.
+pub(crate) fn resources_of(txn: &WriteTxn<'_>, ns: &Namespace, id: &str) -> Result<Vec<Resource>> {
+    let prefix = resources_prefix(ns, id);
+    Ok(txn
+        .scan_prefix(&prefix)?
+        .into_iter()
+        .filter_map(|(key, _)| parse_resource(&key[prefix.len()..]))
+        .collect())
+}
+
+/// Every lease's resources, by namespace and lease id: for the collector.
+pub(crate) fn all_resources(
+    txn: &WriteTxn<'_>,
+) -> Result<BTreeMap<(String, String), Vec<Resource>>> {
+    let mut out: BTreeMap<(String, String), Vec<Resource>> = BTreeMap::new();
+    for (key, _) in txn.scan_prefix(b"l\0")? {
+        let mut parts = key[2..].splitn(3, |b| *b == 0);
+        let (Some(ns), Some(lease), Some(rest)) = (parts.next(), parts.next(), parts.next()) else {
+            continue;
+        };
+        if let Some(resource) = parse_resource(rest) {
+            out.entry((String::from_utf8_lossy(ns).into_owned(), unescape_id(lease)))
+                .or_default()
+                .push(resource);
+        }
+    }
+    Ok(out)
 }
 
 /// Adds `resource` to the lease `lease` inside a write; NotFound if the lease does not exist.
@@ -155,10 +213,10 @@ pub(crate) fn attach(
     lease: &str,
     resource: Resource,
 ) -> Result<()> {
-    let mut record = read_lease(txn, ns, lease)?.ok_or_else(|| lease_missing(lease))?;
-    if record.resources.insert(resource) {
-        txn.put_object(ns, &ObjectKind::Leases, lease, &record)?;
+    if !lease_exists(txn, ns, lease)? {
+        return Err(lease_missing(lease));
     }
+    txn.put(resource_key(ns, lease, &resource), Vec::new());
     Ok(())
 }
 
@@ -169,10 +227,53 @@ pub(crate) fn detach(
     lease: &str,
     resource: &Resource,
 ) -> Result<()> {
-    if let Some(mut record) = read_lease(txn, ns, lease)?
-        && record.resources.remove(resource)
-    {
-        txn.put_object(ns, &ObjectKind::Leases, lease, &record)?;
+    let key = resource_key(ns, lease, resource);
+    if txn.get(&key)?.is_some() {
+        txn.remove(key);
+    }
+    Ok(())
+}
+
+/// Removes lease `id` and its resource records inside a write.
+pub(crate) fn remove_lease(txn: &mut WriteTxn<'_>, ns: &Namespace, id: &str) -> Result<()> {
+    for (key, _) in txn.scan_prefix(&resources_prefix(ns, id))? {
+        txn.remove(key);
+    }
+    txn.remove_object(ns, &ObjectKind::Leases, id)
+}
+
+/// Schema 2: moves the resource set out of each lease's record into records of its own.
+pub(crate) fn migrate_resources_out_of_records(txn: &mut WriteTxn<'_>) -> Result<()> {
+    for (key, value) in txn.scan_prefix(b"o\0")? {
+        let mut parts = key[2..].splitn(3, |b| *b == 0);
+        let (Some(ns), Some(b"leases"), Some(id)) = (parts.next(), parts.next(), parts.next())
+        else {
+            continue;
+        };
+        let ns = Namespace::parse(&String::from_utf8_lossy(ns))?;
+        let id = unescape_id(id);
+        let mut record: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(&value)
+            .map_err(|e| {
+                Error::internal(format!(
+                    "lease {id:?} in namespace {ns}: corrupt record: {e}"
+                ))
+            })?;
+        let Some(resources) = record.remove("resources") else {
+            continue;
+        };
+        let resources: Vec<Resource> = serde_json::from_value(resources).map_err(|e| {
+            Error::internal(format!(
+                "lease {id:?} in namespace {ns}: corrupt resource list: {e}"
+            ))
+        })?;
+        for resource in &resources {
+            txn.put(resource_key(&ns, &id, resource), Vec::new());
+        }
+        txn.put(
+            key,
+            serde_json::to_vec(&record)
+                .map_err(|e| Error::internal(format!("encode lease {id:?}: {e}")))?,
+        );
     }
     Ok(())
 }
@@ -203,11 +304,10 @@ impl Metadata {
         let record = LeaseRecord {
             created_at: SystemTime::now(),
             labels,
-            resources: BTreeSet::new(),
         };
         self.store
             .write(|txn| {
-                if read_lease(txn, ns, &id)?.is_some() {
+                if lease_exists(txn, ns, &id)? {
                     return Err(Error::already_exists(format!("lease {id:?}")));
                 }
                 txn.put_object(ns, &ObjectKind::Leases, &id, &record)
@@ -239,10 +339,10 @@ impl Metadata {
         self.store
             .write_then(
                 |txn| {
-                    if read_lease(txn, ns, id)?.is_none() {
+                    if !lease_exists(txn, ns, id)? {
                         return Err(Error::not_found(format!("lease {id:?}")));
                     }
-                    txn.remove_object(ns, &ObjectKind::Leases, id)
+                    remove_lease(txn, ns, id)
                 },
                 |()| self.mutated(Mutation::Deletion),
             )
@@ -279,7 +379,7 @@ impl Metadata {
         self.store
             .write_then(
                 |txn| {
-                    if read_lease(txn, ns, id)?.is_none() {
+                    if !lease_exists(txn, ns, id)? {
                         return Err(Error::not_found(format!("lease {id:?}")));
                     }
                     detach(txn, ns, id, resource)
@@ -292,11 +392,11 @@ impl Metadata {
 
     /// The resources a lease holds.
     pub fn list_lease_resources(&self, ns: &Namespace, id: &str) -> Result<Vec<Resource>> {
-        let record: LeaseRecord = self
-            .store
-            .get_object(ns, &ObjectKind::Leases, id)?
-            .ok_or_else(|| Error::not_found(format!("lease {id:?}")))?;
-        Ok(record.resources.into_iter().collect())
+        let txn = self.store.reader();
+        if !lease_exists(&txn, ns, id)? {
+            return Err(Error::not_found(format!("lease {id:?}")));
+        }
+        resources_of(&txn, ns, id)
     }
 }
 
@@ -329,7 +429,6 @@ mod tests {
         let mut record = LeaseRecord {
             created_at: SystemTime::now(),
             labels: Labels::new(),
-            resources: BTreeSet::new(),
         };
         let now = SystemTime::now();
         assert!(!record.expired(now));

@@ -69,7 +69,7 @@ use crate::namespace::Namespace;
 use crate::registry::{PluginKind, PluginType};
 
 /// The schema version this berth writes.
-pub const SCHEMA_VERSION: u32 = 1;
+pub const SCHEMA_VERSION: u32 = 2;
 
 const TREE: &str = "berth.v1";
 const SCHEMA_KEY: &[u8] = b"m\0schema";
@@ -85,12 +85,19 @@ pub struct Migration {
 }
 
 /// Every migration, in order; the last one's `to` is [`SCHEMA_VERSION`].
-pub const MIGRATIONS: &[Migration] = &[Migration {
-    to: 1,
-    name: "initial layout: namespaces and namespaced objects in one tree",
-    // A fresh store has nothing to convert; the version record alone marks the layout.
-    apply: |_txn| Ok(()),
-}];
+pub const MIGRATIONS: &[Migration] = &[
+    Migration {
+        to: 1,
+        name: "initial layout: namespaces and namespaced objects in one tree",
+        // A fresh store has nothing to convert; the version record alone marks the layout.
+        apply: |_txn| Ok(()),
+    },
+    Migration {
+        to: 2,
+        name: "lease resources in records of their own",
+        apply: leases::migrate_resources_out_of_records,
+    },
+];
 
 /// The kinds of namespaced object records.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
@@ -182,7 +189,7 @@ pub(crate) fn unescape_id(bytes: &[u8]) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
-fn object_key(ns: &Namespace, kind: &ObjectKind, id: &str) -> Result<Vec<u8>> {
+pub(crate) fn object_key(ns: &Namespace, kind: &ObjectKind, id: &str) -> Result<Vec<u8>> {
     Ok([kind_prefix(ns, kind)?, escape_id(id)].concat())
 }
 
@@ -423,6 +430,15 @@ impl MetaStore {
     /// A number never handed out before by this store (monotonic across restarts).
     pub fn next_id(&self) -> Result<u64> {
         Ok(self.shared.db.generate_id()?)
+    }
+
+    /// A view of the records for reads through [`WriteTxn`]'s helpers; nothing done to it
+    /// is ever applied.
+    pub(crate) fn reader(&self) -> WriteTxn<'_> {
+        WriteTxn {
+            tree: &self.tree,
+            pending: BTreeMap::new(),
+        }
     }
 
     /// Reads one record.
@@ -1289,6 +1305,59 @@ mod tests {
         assert_eq!(store.schema_version().expect("version"), SCHEMA_VERSION);
     }
 
+    /// Schema 2 moves the resource set a schema-1 lease record embeds into records of their
+    /// own, and leaves the lease's other fields as they were.
+    #[test]
+    fn migration_2_moves_lease_resources_out_of_the_record() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("meta");
+        let a = ns("a");
+        let key = object_key(&a, &ObjectKind::Leases, "old\0one").expect("key");
+        {
+            let store = open_migrated(&path, &MIGRATIONS[..1]);
+            let v1 = serde_json::json!({
+                "created_at": {"secs_since_epoch": 7, "nanos_since_epoch": 0},
+                "labels": {"x": "y"},
+                "resources": [{"type": "content", "id": "sha256:1"},
+                              {"type": "snapshots/overlayfs", "id": "k\0ey"}],
+            });
+            store
+                .tree
+                .insert(namespace_key(&a), b"{}".to_vec())
+                .expect("put");
+            let v1 = serde_json::to_vec(&v1).expect("encode");
+            store.tree.insert(key.clone(), v1).expect("put");
+            store.shared.db.flush().expect("flush");
+        }
+        let store = open_migrated(&path, MIGRATIONS);
+        assert_eq!(store.schema_version().expect("v"), 2);
+        let record: serde_json::Value =
+            serde_json::from_slice(&store.get_raw(&key).expect("get").expect("record"))
+                .expect("decode");
+        assert_eq!(
+            record,
+            serde_json::json!({
+                "created_at": {"secs_since_epoch": 7, "nanos_since_epoch": 0},
+                "labels": {"x": "y"},
+            })
+        );
+        let mut held = leases::resources_of(&store.reader(), &a, "old\0one").expect("list");
+        held.sort();
+        assert_eq!(
+            held,
+            [
+                leases::Resource {
+                    kind: "content".into(),
+                    id: "sha256:1".into()
+                },
+                leases::Resource {
+                    kind: "snapshots/overlayfs".into(),
+                    id: "k\0ey".into()
+                },
+            ]
+        );
+    }
+
     #[tokio::test]
     async fn concurrent_writers_share_flushes() {
         let dir = tempfile::tempdir().expect("tempdir");
@@ -1489,7 +1558,7 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("meta");
         {
-            let store = open_migrated(&path, MIGRATIONS);
+            let store = open_migrated(&path, &MIGRATIONS[..1]);
             assert_eq!(store.schema_version().expect("v"), 1);
         }
         {
@@ -1504,12 +1573,13 @@ mod tests {
             let store = open_migrated(&path, V2);
             assert_eq!(store.schema_version().expect("v"), 2);
         }
-        let mut refused = MetaStore::open(&path, &MetadataConfig::default());
+        let older = || MetaStore::open_with(&path, &MetadataConfig::default(), &MIGRATIONS[..1]);
+        let mut refused = older();
         for _ in 0..40 {
             match &refused {
                 Err(e) if e.kind() == ErrorKind::Unavailable => {
                     std::thread::sleep(std::time::Duration::from_millis(50));
-                    refused = MetaStore::open(&path, &MetadataConfig::default());
+                    refused = older();
                 }
                 _ => break,
             }

@@ -339,6 +339,18 @@ async fn expired_and_flat_leases() {
         leases.iter().map(|l| l.id.as_str()).collect::<Vec<_>>(),
         ["flat"]
     );
+    // The collected lease took its resource records along.
+    f.metadata
+        .create_lease(&ns("a"), "old", Labels::new())
+        .await
+        .expect("same id again");
+    assert!(
+        f.metadata
+            .list_lease_resources(&ns("a"), "old")
+            .expect("list")
+            .is_empty(),
+        "an expired lease's resources outlived its collection"
+    );
 }
 
 #[tokio::test]
@@ -494,6 +506,72 @@ async fn lease_resources() {
         .await
         .expect_err("exists");
     assert_eq!(err.kind(), ErrorKind::AlreadyExists);
+}
+
+/// Lease resources are records of their own: a lease holding thousands stays one small
+/// record, a lease whose id starts another's holds only its own, and a deleted lease leaves
+/// none of its resources to a new lease of the same id.
+#[tokio::test]
+async fn a_lease_holding_thousands_stays_small_and_goes_whole() {
+    let f = fixture();
+    let n = ns("a");
+    for id in ["big", "bi"] {
+        f.metadata
+            .create_lease(&n, id, Labels::new())
+            .await
+            .expect("lease");
+    }
+    let held = |i: usize| Resource::parse("ingests", &format!("ref-{i}")).expect("r");
+    for i in 0..1500 {
+        f.metadata
+            .add_lease_resource(&n, "big", held(i))
+            .await
+            .expect("add");
+    }
+    f.metadata
+        .add_lease_resource(&n, "bi", held(0))
+        .await
+        .expect("add");
+    let record = f
+        .metadata
+        .store
+        .get_raw(&crate::metadata::object_key(&n, &ObjectKind::Leases, "big").expect("key"))
+        .expect("get")
+        .expect("record");
+    assert!(
+        record.len() < 256,
+        "a lease's record grows with what it holds: {} bytes",
+        record.len()
+    );
+    let mut listed = f.metadata.list_lease_resources(&n, "big").expect("list");
+    listed.sort();
+    let mut expected: Vec<Resource> = (0..1500).map(held).collect();
+    expected.sort();
+    assert_eq!(listed, expected);
+    assert_eq!(
+        f.metadata.list_lease_resources(&n, "bi").expect("list"),
+        [held(0)]
+    );
+
+    f.metadata
+        .delete_lease(&n, "big", false)
+        .await
+        .expect("delete");
+    f.metadata
+        .create_lease(&n, "big", Labels::new())
+        .await
+        .expect("again");
+    assert!(
+        f.metadata
+            .list_lease_resources(&n, "big")
+            .expect("list")
+            .is_empty(),
+        "a deleted lease's resources outlived it"
+    );
+    assert_eq!(
+        f.metadata.list_lease_resources(&n, "bi").expect("list"),
+        [held(0)]
+    );
 }
 
 mod snapshots {
