@@ -21,7 +21,7 @@ use crate::error::{Classify, Error, ErrorKind, Result};
 use crate::filters::Filter;
 use crate::labels::{self, Labels};
 use crate::metadata::ObjectKind;
-use crate::metadata::db::{Metadata, Mutation, namespace_of};
+use crate::metadata::db::{DirtyMark, Metadata, Mutation, namespace_of};
 use crate::metadata::leases::{self, Resource};
 use crate::namespace::Namespace;
 
@@ -233,6 +233,7 @@ impl ContentStore for MetaContent {
 
     async fn delete(&self, cx: &CallContext, digest: &Digest) -> Result<()> {
         let ns = namespace_of(cx)?;
+        let _dirty = self.db.content_touched();
         let id = digest.to_string();
         self.db
             .store
@@ -301,6 +302,7 @@ impl ContentStore for MetaContent {
 
     async fn abort(&self, cx: &CallContext, reference: &str) -> Result<()> {
         let ns = namespace_of(cx)?;
+        let _dirty = self.db.content_touched();
         let _gc = self.db.gc_lock.read().await;
         let record = self
             .db
@@ -332,6 +334,7 @@ impl ContentStore for MetaContent {
         if request.reference.is_empty() {
             return Err(Error::invalid_argument("ref must not be empty"));
         }
+        let dirty = self.db.content_touched();
         let _gc = self.db.gc_lock.read().await;
         // Shared content: the blob is in the backend for another namespace already.
         let mut in_backend = false;
@@ -446,6 +449,7 @@ impl ContentStore for MetaContent {
             )
         };
         Ok(Box::new(MetaWriter {
+            dirty,
             db: Arc::clone(&self.db),
             cx: cx.clone(),
             ns,
@@ -457,6 +461,9 @@ impl ContentStore for MetaContent {
 }
 
 struct MetaWriter {
+    /// Held until the writer commits or goes: its backend ingest and blob may outlive a
+    /// failure without a record.
+    dirty: DirtyMark,
     db: Arc<Metadata>,
     cx: CallContext,
     ns: Namespace,
@@ -549,6 +556,7 @@ impl ContentWriter for MetaWriter {
         labels: Labels,
     ) -> Result<()> {
         let MetaWriter {
+            dirty,
             db,
             ns,
             reference,
@@ -556,6 +564,8 @@ impl ContentWriter for MetaWriter {
             inner,
             cx,
         } = *self;
+        // Dropped when the commit returns, whatever it left.
+        let _dirty = dirty;
         labels::validate_all(&labels)?;
         let _gc = db.gc_lock.read().await;
         let (digest, size) = match inner {

@@ -5,6 +5,7 @@
 //! store that records labels, leases and events, tells the GC scheduler about mutations, and
 //! runs garbage collection (see [`super::gc`]).
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::SystemTime;
 
@@ -33,6 +34,80 @@ pub trait GcTrigger: Send + Sync {
     async fn schedule_and_wait(&self) -> Result<()>;
 }
 
+/// Whether a backend may hold objects no record names since its last sweep. A collection
+/// walks a backend (lists its blobs or snapshots and removes what no record keeps) only when
+/// it is dirty or the collection itself removed records of its kind, as containerd's
+/// `dirtyCS` / `dirtySS`: a collection after lease or image changes alone then costs the
+/// mark, not a walk of 10,000 files. Every backend starts dirty, so the first collection
+/// after a start finds what a crash left behind.
+#[derive(Debug)]
+pub(crate) struct DirtyBackends {
+    content: Arc<AtomicBool>,
+    snapshotters: std::collections::BTreeMap<String, Arc<AtomicBool>>,
+}
+
+impl DirtyBackends {
+    fn new<'a>(snapshotters: impl Iterator<Item = &'a String>) -> Self {
+        DirtyBackends {
+            content: Arc::new(AtomicBool::new(true)),
+            snapshotters: snapshotters
+                .map(|name| (name.clone(), Arc::new(AtomicBool::new(true))))
+                .collect(),
+        }
+    }
+
+    /// Clears the content store's mark; whether it was set.
+    pub(crate) fn take_content(&self) -> bool {
+        self.content.swap(false, Ordering::SeqCst)
+    }
+
+    /// Clears snapshotter `name`'s mark; whether it was set (true for an unknown name).
+    pub(crate) fn take_snapshotter(&self, name: &str) -> bool {
+        self.snapshotters
+            .get(name)
+            .is_none_or(|flag| flag.swap(false, Ordering::SeqCst))
+    }
+
+    /// Marks the content store dirty again (a collection that failed).
+    pub(crate) fn set_content(&self) {
+        self.content.store(true, Ordering::SeqCst);
+    }
+
+    /// Marks snapshotter `name` dirty again (a collection that failed).
+    pub(crate) fn set_snapshotter(&self, name: &str) {
+        if let Some(flag) = self.snapshotters.get(name) {
+            flag.store(true, Ordering::SeqCst);
+        }
+    }
+
+    /// Marks every backend dirty (a walk that failed part way).
+    pub(crate) fn set_all(&self) {
+        self.set_content();
+        for flag in self.snapshotters.values() {
+            flag.store(true, Ordering::SeqCst);
+        }
+    }
+}
+
+/// Marks a backend dirty when made and again when dropped. An operation that may leave a
+/// backend object without a record (a removal, a commit that fails after the backend's part)
+/// holds one for its whole run, so a sweep that ran in the middle of it cannot clear the
+/// mark for what the operation leaves afterwards.
+pub(crate) struct DirtyMark(Arc<AtomicBool>);
+
+impl DirtyMark {
+    fn new(flag: &Arc<AtomicBool>) -> Self {
+        flag.store(true, Ordering::SeqCst);
+        DirtyMark(Arc::clone(flag))
+    }
+}
+
+impl Drop for DirtyMark {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::SeqCst);
+    }
+}
+
 /// The metadata layer.
 pub struct Metadata {
     pub(crate) store: Arc<MetaStore>,
@@ -43,6 +118,8 @@ pub struct Metadata {
     /// Held shared by content commits (from the backend commit until the record exists) and
     /// exclusively by the backend sweep, so a just-committed blob is never swept.
     pub(crate) gc_lock: tokio::sync::RwLock<()>,
+    /// Which backends the next collection walks (see [`DirtyBackends`]).
+    pub(crate) dirty: DirtyBackends,
     hook: Mutex<Option<MutationHook>>,
     trigger: Mutex<Option<Arc<dyn GcTrigger>>>,
 }
@@ -76,12 +153,14 @@ impl Metadata {
         snapshot_backends: std::collections::BTreeMap<String, Arc<dyn Snapshotter>>,
         config: MetadataConfig,
     ) -> Arc<Metadata> {
+        let dirty = DirtyBackends::new(snapshot_backends.keys());
         Arc::new(Metadata {
             store,
             events,
             content_backend,
             snapshot_backends,
             config,
+            dirty,
             gc_lock: tokio::sync::RwLock::new(()),
             hook: Mutex::new(None),
             trigger: Mutex::new(None),
@@ -117,6 +196,20 @@ impl Metadata {
     /// Names of the loaded snapshotters.
     pub fn snapshotter_names(&self) -> Vec<String> {
         self.snapshot_backends.keys().cloned().collect()
+    }
+
+    /// Marks the content store dirty for the operation holding the mark (see [`DirtyMark`]).
+    pub(crate) fn content_touched(&self) -> DirtyMark {
+        DirtyMark::new(&self.dirty.content)
+    }
+
+    /// Marks snapshotter `name` dirty for the operation holding the mark.
+    pub(crate) fn snapshotter_touched(&self, name: &str) -> DirtyMark {
+        match self.dirty.snapshotters.get(name) {
+            Some(flag) => DirtyMark::new(flag),
+            // Not a backend this layer sweeps: nothing to mark.
+            None => DirtyMark::new(&Arc::new(AtomicBool::new(true))),
+        }
     }
 
     /// Installs the receiver of mutations (the GC scheduler).

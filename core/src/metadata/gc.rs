@@ -318,13 +318,59 @@ impl Metadata {
         Ok(removed)
     }
 
+    /// Removes the blobs and ingests of the content backend that no record keeps.
+    async fn sweep_content(
+        &self,
+        backend: &std::sync::Arc<dyn crate::content::ContentStore>,
+        live_blobs: &BTreeSet<String>,
+        live_ingests: &BTreeSet<String>,
+        report: &mut GcReport,
+    ) -> Result<()> {
+        let cx = CallContext::default();
+        for info in backend.list(&cx, &Filter::default()).await? {
+            if !live_blobs.contains(&info.digest.to_string()) {
+                match backend.delete(&cx, &info.digest).await {
+                    Ok(()) => report.blobs_removed += 1,
+                    Err(e) if e.kind() == ErrorKind::NotFound => {}
+                    Err(e) => return Err(e),
+                }
+            }
+        }
+        for status in backend.list_statuses(&cx, &Filter::default()).await? {
+            if !live_ingests.contains(&status.reference) {
+                match backend.abort(&cx, &status.reference).await {
+                    Ok(()) => report.ingests_aborted += 1,
+                    Err(e) if e.kind() == ErrorKind::NotFound => {}
+                    Err(e) => return Err(e),
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// Runs one collection: mark and metadata sweep atomically, then the backend sweep.
     pub async fn collect_garbage(&self) -> Result<GcReport> {
         let started = Instant::now();
         // Held exclusively: no commit is between its backend commit and its record now.
         let _gc = self.gc_lock.write().await;
+        // Taken before the records are read: an operation that marks a backend from here on
+        // has it walked by the next collection (see `DirtyBackends`).
+        let content_dirty = self.dirty.take_content();
+        let dirty_snapshotters: BTreeSet<&String> = self
+            .snapshot_backends
+            .keys()
+            .filter(|name| self.dirty.take_snapshotter(name))
+            .collect();
+        let restore_marks = || {
+            if content_dirty {
+                self.dirty.set_content();
+            }
+            for name in &dirty_snapshotters {
+                self.dirty.set_snapshotter(name);
+            }
+        };
         let now = SystemTime::now();
-        let (removed, live_blobs, live_ingests) = self
+        let swept = self
             .store
             .write(|txn| {
                 let graph = Graph::load(txn)?;
@@ -373,36 +419,45 @@ impl Metadata {
                 }
                 Ok((removed, live_blobs, live_ingests))
             })
-            .await?;
+            .await;
+        let (removed, live_blobs, live_ingests) = match swept {
+            Ok(swept) => swept,
+            Err(e) => {
+                restore_marks();
+                return Err(e);
+            }
+        };
+        let removed_kinds: BTreeSet<String> = removed.iter().map(|n| n.kind.clone()).collect();
+        let removed_kind = |kind: &str| removed_kinds.contains(kind);
 
         let mut report = GcReport {
             removed,
             ..GcReport::default()
         };
-        if let Some(backend) = &self.content_backend {
-            let cx = CallContext::default();
-            for info in backend.list(&cx, &Filter::default()).await? {
-                if !live_blobs.contains(&info.digest.to_string()) {
-                    match backend.delete(&cx, &info.digest).await {
-                        Ok(()) => report.blobs_removed += 1,
-                        Err(e) if e.kind() == ErrorKind::NotFound => {}
-                        Err(e) => return Err(e),
-                    }
-                }
-            }
-            for status in backend.list_statuses(&cx, &Filter::default()).await? {
-                if !live_ingests.contains(&status.reference) {
-                    match backend.abort(&cx, &status.reference).await {
-                        Ok(()) => report.ingests_aborted += 1,
-                        Err(e) if e.kind() == ErrorKind::NotFound => {}
-                        Err(e) => return Err(e),
-                    }
-                }
+        if let Some(backend) = &self.content_backend
+            && (content_dirty || removed_kind("content") || removed_kind("ingests"))
+        {
+            let walked = self
+                .sweep_content(backend, &live_blobs, &live_ingests, &mut report)
+                .await;
+            if let Err(e) = walked {
+                // What this collection did not get to is walked by the next.
+                self.dirty.set_all();
+                return Err(e);
             }
         }
         let mut to_clean = Vec::new();
         for (name, backend) in &self.snapshot_backends {
-            let removed = self.sweep_snapshotter(name, backend).await?;
+            if !dirty_snapshotters.contains(name) && !removed_kind(&format!("snapshots/{name}")) {
+                continue;
+            }
+            let removed = match self.sweep_snapshotter(name, backend).await {
+                Ok(removed) => removed,
+                Err(e) => {
+                    self.dirty.set_all();
+                    return Err(e);
+                }
+            };
             if removed > 0 {
                 to_clean.push(backend);
             }

@@ -329,11 +329,20 @@ impl MetaStore {
                 txn.put(SCHEMA_KEY.to_vec(), migration.to.to_be_bytes().to_vec());
                 Ok(())
             })?;
-            tracing::info!(
-                to = migration.to,
-                name = migration.name,
-                "metadata schema migrated"
-            );
+            // A new store passes through every version: only a real upgrade is news.
+            if start == 0 {
+                tracing::debug!(
+                    to = migration.to,
+                    name = migration.name,
+                    "metadata schema set up"
+                );
+            } else {
+                tracing::info!(
+                    to = migration.to,
+                    name = migration.name,
+                    "metadata schema migrated"
+                );
+            }
             version = migration.to;
         }
         Ok(())

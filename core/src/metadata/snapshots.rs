@@ -161,6 +161,7 @@ impl MetaSnapshotter {
     ) -> Result<Vec<Mount>> {
         let ns = namespace_of(cx)?;
         if key.is_empty() {
+            let _dirty = self.db.snapshotter_touched(&self.name);
             return Err(Error::invalid_argument("snapshot key must not be empty"));
         }
         labels::validate_all(&labels)?;
@@ -282,6 +283,7 @@ impl MetaSnapshotter {
     ) -> Result<()> {
         let ns = namespace_of(cx)?;
         if name.is_empty() {
+            let _dirty = self.db.snapshotter_touched(&self.name);
             return Err(Error::invalid_argument(
                 "committed snapshot name must not be empty",
             ));
@@ -409,6 +411,7 @@ impl MetaSnapshotter {
     /// [`Snapshotter::remove`]'s work, which that method runs through [`super::run_whole`].
     async fn remove_whole(&self, cx: &CallContext, key: &str) -> Result<()> {
         let ns = namespace_of(cx)?;
+        let _dirty = self.db.snapshotter_touched(&self.name);
         let sn_kind = self.kind();
         let lease = cx.lease.clone();
         self.db

@@ -574,6 +574,44 @@ async fn a_lease_holding_thousands_stays_small_and_goes_whole() {
     );
 }
 
+/// As containerd's `dirtyCS`: a collection walks the content store only when something may
+/// have left a blob without a record since the last walk (and once after a start), not after
+/// lease changes alone.
+#[tokio::test]
+async fn collections_walk_the_content_store_only_when_it_may_hold_garbage() {
+    let f = fixture();
+    let raw: Arc<dyn ContentStore> = Arc::new(f.backend.clone());
+    let c = cx("a", None);
+    // Left by a crash, say: in the backend with no record.
+    let first = ingest(&raw, &c, b"first orphan", Labels::new()).await;
+    let report = f.metadata.collect_garbage().await.expect("gc");
+    assert_eq!(report.blobs_removed, 1, "the first collection walks");
+    assert!(raw.info(&c, &first).await.is_err());
+
+    let second = ingest(&raw, &c, b"second orphan", Labels::new()).await;
+    f.metadata
+        .create_lease(&ns("a"), "brief", Labels::new())
+        .await
+        .expect("lease");
+    f.metadata
+        .delete_lease(&ns("a"), "brief", false)
+        .await
+        .expect("delete");
+    let report = f.metadata.collect_garbage().await.expect("gc");
+    assert_eq!(report.blobs_removed, 0, "nothing marked the content store");
+    assert!(raw.info(&c, &second).await.is_ok());
+
+    // A write through the layer may leave a blob behind; the next collection walks.
+    let written = ingest(&f.content, &c, b"unreferenced", Labels::new()).await;
+    let report = f.metadata.collect_garbage().await.expect("gc");
+    assert_eq!(
+        report.blobs_removed, 2,
+        "the orphan and the unreferenced blob"
+    );
+    assert!(raw.info(&c, &second).await.is_err());
+    assert!(raw.info(&c, &written).await.is_err());
+}
+
 mod snapshots {
     use super::*;
     use crate::snapshot::{SnapshotKind, Snapshotter};
@@ -667,6 +705,50 @@ mod snapshots {
         );
         let err = f.sn.remove(&a, "base").await.expect_err("has children");
         assert_eq!(err.kind(), ErrorKind::FailedPrecondition);
+    }
+
+    #[tokio::test]
+    async fn collections_walk_a_snapshotter_only_when_it_may_hold_garbage() {
+        let f = snap_fixture();
+        let a = cx("a", None);
+        // In the backend with no record (a crash between the two, say).
+        f.backend
+            .prepare(&a, "stray-1", None, Labels::new())
+            .await
+            .expect("backend prepare");
+        let report = f.metadata.collect_garbage().await.expect("gc");
+        assert_eq!(report.snapshots_removed, 1, "the first collection walks");
+
+        f.backend
+            .prepare(&a, "stray-2", None, Labels::new())
+            .await
+            .expect("backend prepare");
+        f.metadata
+            .create_lease(&ns("a"), "brief", Labels::new())
+            .await
+            .expect("lease");
+        f.metadata
+            .delete_lease(&ns("a"), "brief", false)
+            .await
+            .expect("delete");
+        let report = f.metadata.collect_garbage().await.expect("gc");
+        assert_eq!(
+            report.snapshots_removed, 0,
+            "nothing marked the snapshotter"
+        );
+        assert_eq!(f.backend.keys().len(), 1);
+
+        // A removal through the layer: the next collection walks the snapshotter.
+        f.sn.prepare(&a, "k", None, Labels::new())
+            .await
+            .expect("prepare");
+        f.sn.remove(&a, "k").await.expect("remove");
+        let report = f.metadata.collect_garbage().await.expect("gc");
+        assert_eq!(
+            report.snapshots_removed, 2,
+            "the stray and the removed snapshot"
+        );
+        assert!(f.backend.keys().is_empty(), "{:?}", f.backend.keys());
     }
 
     #[tokio::test]
