@@ -574,6 +574,20 @@ async fn a_lease_holding_thousands_stays_small_and_goes_whole() {
     );
 }
 
+/// A lease created and deleted, then a collection: a change that leaves no backend object
+/// without a record.
+async fn collect_after_lease_churn(metadata: &Metadata) -> crate::metadata::gc::GcReport {
+    metadata
+        .create_lease(&ns("a"), "brief", Labels::new())
+        .await
+        .expect("lease");
+    metadata
+        .delete_lease(&ns("a"), "brief", false)
+        .await
+        .expect("delete");
+    metadata.collect_garbage().await.expect("gc")
+}
+
 /// As containerd's `dirtyCS`: a collection walks the content store only when something may
 /// have left a blob without a record since the last walk (and once after a start), not after
 /// lease changes alone.
@@ -589,15 +603,7 @@ async fn collections_walk_the_content_store_only_when_it_may_hold_garbage() {
     assert!(raw.info(&c, &first).await.is_err());
 
     let second = ingest(&raw, &c, b"second orphan", Labels::new()).await;
-    f.metadata
-        .create_lease(&ns("a"), "brief", Labels::new())
-        .await
-        .expect("lease");
-    f.metadata
-        .delete_lease(&ns("a"), "brief", false)
-        .await
-        .expect("delete");
-    let report = f.metadata.collect_garbage().await.expect("gc");
+    let report = collect_after_lease_churn(&f.metadata).await;
     assert_eq!(report.blobs_removed, 0, "nothing marked the content store");
     assert!(raw.info(&c, &second).await.is_ok());
 
@@ -723,15 +729,7 @@ mod snapshots {
             .prepare(&a, "stray-2", None, Labels::new())
             .await
             .expect("backend prepare");
-        f.metadata
-            .create_lease(&ns("a"), "brief", Labels::new())
-            .await
-            .expect("lease");
-        f.metadata
-            .delete_lease(&ns("a"), "brief", false)
-            .await
-            .expect("delete");
-        let report = f.metadata.collect_garbage().await.expect("gc");
+        let report = collect_after_lease_churn(&f.metadata).await;
         assert_eq!(
             report.snapshots_removed, 0,
             "nothing marked the snapshotter"
