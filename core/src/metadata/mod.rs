@@ -69,7 +69,7 @@ use crate::namespace::Namespace;
 use crate::registry::{PluginKind, PluginType};
 
 /// The schema version this berth writes.
-pub const SCHEMA_VERSION: u32 = 2;
+pub const SCHEMA_VERSION: u32 = 3;
 
 const TREE: &str = "berth.v1";
 const SCHEMA_KEY: &[u8] = b"m\0schema";
@@ -96,6 +96,11 @@ pub const MIGRATIONS: &[Migration] = &[
         to: 2,
         name: "lease resources in records of their own",
         apply: leases::migrate_resources_out_of_records,
+    },
+    Migration {
+        to: 3,
+        name: "an index of snapshot children",
+        apply: index_snapshot_children,
     },
 ];
 
@@ -191,6 +196,64 @@ pub(crate) fn unescape_id(bytes: &[u8]) -> String {
 
 pub(crate) fn object_key(ns: &Namespace, kind: &ObjectKind, id: &str) -> Result<Vec<u8>> {
     Ok([kind_prefix(ns, kind)?, escape_id(id)].concat())
+}
+
+/// Where the child edges of snapshot `parent` of `snapshotter` start. A snapshot record
+/// names its parent; each such edge is also an empty record at
+/// `c\0<ns>\0<snapshotter>\0<parent>\0<child>` (escaped like ids), kept by
+/// [`WriteTxn::put_object`] and [`WriteTxn::remove_object`], so whether a snapshot has
+/// children is one prefix look rather than a decode of every snapshot of the namespace (as
+/// containerd keeps a children bucket per snapshot).
+fn children_prefix(ns: &Namespace, snapshotter: &str, parent: &str) -> Vec<u8> {
+    [
+        b"c\0".as_slice(),
+        ns.as_str().as_bytes(),
+        b"\0",
+        &escape_id(snapshotter),
+        b"\0",
+        &escape_id(parent),
+        b"\0",
+    ]
+    .concat()
+}
+
+fn child_key(ns: &Namespace, snapshotter: &str, parent: &str, child: &str) -> Vec<u8> {
+    [children_prefix(ns, snapshotter, parent), escape_id(child)].concat()
+}
+
+/// The parent a stored snapshot record names, if any.
+fn parent_in(record: &[u8]) -> Option<String> {
+    #[derive(Deserialize)]
+    struct ParentOf {
+        #[serde(default)]
+        parent: Option<String>,
+    }
+    serde_json::from_slice::<ParentOf>(record)
+        .ok()
+        .and_then(|r| r.parent)
+        .filter(|p| !p.is_empty())
+}
+
+/// Schema 3: the child edges of the snapshot records already stored.
+fn index_snapshot_children(txn: &mut WriteTxn<'_>) -> Result<()> {
+    for (key, value) in txn.scan_prefix(b"o\0")? {
+        let mut parts = key[2..].splitn(3, |b| *b == 0);
+        let (Some(ns), Some(kind), Some(id)) = (parts.next(), parts.next(), parts.next()) else {
+            continue;
+        };
+        let Some(snapshotter) = kind.strip_prefix(b"snapshots/") else {
+            continue;
+        };
+        if let Some(parent) = parent_in(&value) {
+            let ns = Namespace::parse(&String::from_utf8_lossy(ns))?;
+            let snapshotter = String::from_utf8_lossy(snapshotter);
+            txn.put(
+                child_key(&ns, &snapshotter, &parent, &unescape_id(id)),
+                Vec::new(),
+            );
+        }
+    }
+    Ok(())
 }
 
 fn encode<T: Serialize>(value: &T) -> Result<Vec<u8>> {
@@ -655,6 +718,12 @@ impl WriteTxn<'_> {
         }
         let key = object_key(ns, kind, id)?;
         let value = encode(record)?;
+        if let ObjectKind::Snapshots(snapshotter) = kind {
+            self.unlink_from_parent(ns, snapshotter, id, &key)?;
+            if let Some(parent) = parent_in(&value) {
+                self.put(child_key(ns, snapshotter, &parent, id), Vec::new());
+            }
+        }
         self.put(key, value);
         Ok(())
     }
@@ -662,8 +731,46 @@ impl WriteTxn<'_> {
     /// Removes an object record.
     pub fn remove_object(&mut self, ns: &Namespace, kind: &ObjectKind, id: &str) -> Result<()> {
         let key = object_key(ns, kind, id)?;
+        if let ObjectKind::Snapshots(snapshotter) = kind {
+            self.unlink_from_parent(ns, snapshotter, id, &key)?;
+        }
         self.remove(key);
         Ok(())
+    }
+
+    /// Drops the child edge of the snapshot record at `key` (`id`), if it has one.
+    fn unlink_from_parent(
+        &mut self,
+        ns: &Namespace,
+        snapshotter: &str,
+        id: &str,
+        key: &[u8],
+    ) -> Result<()> {
+        if let Some(parent) = self.get(key)?.as_deref().and_then(parent_in) {
+            self.remove(child_key(ns, snapshotter, &parent, id));
+        }
+        Ok(())
+    }
+
+    /// Whether snapshot `key` of `snapshotter` has a child, as this write sees the records.
+    /// Each edge is checked against the child's record, so an edge left stale by whatever
+    /// could never block a removal.
+    pub(crate) fn has_snapshot_children(
+        &self,
+        ns: &Namespace,
+        snapshotter: &str,
+        key: &str,
+    ) -> Result<bool> {
+        let prefix = children_prefix(ns, snapshotter, key);
+        let kind = ObjectKind::Snapshots(snapshotter.to_owned());
+        for (edge, _) in self.scan_prefix(&prefix)? {
+            let child = unescape_id(&edge[prefix.len()..]);
+            let record = self.get(&object_key(ns, &kind, &child)?)?;
+            if record.as_deref().and_then(parent_in).as_deref() == Some(key) {
+                return Ok(true);
+            }
+        }
+        Ok(false)
     }
 }
 
@@ -1339,7 +1446,7 @@ mod tests {
             store.shared.db.flush().expect("flush");
         }
         let store = open_migrated(&path, MIGRATIONS);
-        assert_eq!(store.schema_version().expect("v"), 2);
+        assert_eq!(store.schema_version().expect("v"), SCHEMA_VERSION);
         let record: serde_json::Value =
             serde_json::from_slice(&store.get_raw(&key).expect("get").expect("record"))
                 .expect("decode");
@@ -1365,6 +1472,63 @@ mod tests {
                 },
             ]
         );
+    }
+
+    /// Schema 3 indexes the child edges of the snapshot records a schema-2 store holds, and
+    /// writes keep the index: a removed or re-parented record takes its edge along.
+    #[test]
+    fn migration_3_indexes_snapshot_children_and_writes_keep_the_index() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("meta");
+        let a = ns("a");
+        let kind = ObjectKind::Snapshots("overlayfs".into());
+        let record =
+            |parent: Option<&str>| serde_json::json!({"parent": parent, "kind": "committed"});
+        {
+            let store = open_migrated(&path, &MIGRATIONS[..2]);
+            store
+                .tree
+                .insert(namespace_key(&a), b"{}".to_vec())
+                .expect("put");
+            for (id, parent) in [("base", None), ("mid", Some("base")), ("top", Some("mid"))] {
+                let key = object_key(&a, &kind, id).expect("key");
+                let value = serde_json::to_vec(&record(parent)).expect("encode");
+                store.tree.insert(key, value).expect("put");
+            }
+            store.shared.db.flush().expect("flush");
+        }
+        let store = open_migrated(&path, MIGRATIONS);
+        assert_eq!(store.schema_version().expect("v"), SCHEMA_VERSION);
+        let children = |store: &MetaStore, id: &str| {
+            store
+                .reader()
+                .has_snapshot_children(&a, "overlayfs", id)
+                .expect("children")
+        };
+        assert!(children(&store, "base"));
+        assert!(children(&store, "mid"));
+        assert!(!children(&store, "top"));
+
+        let mut txn = store.reader();
+        txn.remove_object(&a, &kind, "top").expect("remove");
+        assert!(
+            !txn.has_snapshot_children(&a, "overlayfs", "mid")
+                .expect("children")
+        );
+        // Re-parented: the old parent loses the edge, the new one gains it.
+        txn.put_object(&a, &kind, "mid", &record(Some("other")))
+            .expect("put");
+        assert!(
+            !txn.has_snapshot_children(&a, "overlayfs", "base")
+                .expect("children")
+        );
+        assert!(
+            txn.has_snapshot_children(&a, "overlayfs", "other")
+                .expect("children")
+        );
+        // Every edge the write left is a live one.
+        let edges: Vec<_> = txn.scan_prefix(b"c\0").expect("scan");
+        assert_eq!(edges.len(), 1, "{edges:?}");
     }
 
     #[tokio::test]

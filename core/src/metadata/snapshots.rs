@@ -423,14 +423,7 @@ impl MetaSnapshotter {
                 {
                     return Err(Error::not_found(format!("snapshot {key:?} does not exist")));
                 }
-                let prefix_children = self
-                    .db
-                    .store
-                    .list_objects::<SnapshotRecord>(&ns, &sn_kind)?;
-                if prefix_children
-                    .iter()
-                    .any(|(_, r)| r.parent.as_deref() == Some(key))
-                {
+                if txn.has_snapshot_children(&ns, &self.name, key)? {
                     return Err(Error::failed_precondition(format!(
                         "cannot remove snapshot {key:?}: it has children"
                     )));
