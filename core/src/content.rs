@@ -9,7 +9,7 @@
 //!   and digest verified, and the data flushed to disk. Nothing is ever visible under a digest
 //!   it does not have.
 //! - [`ContentStore::writer`] opens (or resumes) the ingest `ref`. Only one writer may hold a
-//!   ref at a time; a second gets [`ErrorKind::Unavailable`] and may retry. Closing a writer
+//!   ref at a time; a second gets [`ErrorKind::Unavailable`](crate::ErrorKind::Unavailable) and may retry. Closing a writer
 //!   without committing keeps the ingest, so a later writer resumes at its offset. If the
 //!   requested `expected` digest is already stored, `writer` fails with AlreadyExists.
 //! - [`ContentWriter::commit`] checks the size (when non-zero) and the expected digest (when

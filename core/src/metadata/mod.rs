@@ -12,6 +12,12 @@
 //! o \0 <namespace> \0 <kind> \0 <id>   -> the object's record (JSON), kind one of
 //!                                         images, containers, content, snapshots/<snapshotter>,
 //!                                         sandboxes, leases, ingests
+//! l \0 <namespace> \0 <lease> \0 <type> \0 <id>
+//!                                      -> empty: the lease holds that resource (see
+//!                                         `leases.rs`)
+//! c \0 <namespace> \0 <snapshotter> \0 <parent> \0 <child>
+//!                                      -> empty: a snapshot record names that parent, kept
+//!                                         by `WriteTxn::put_object` / `remove_object`
 //! j \0 <snapshotter> \0 <backend name> -> a snapshot commit whose backend half may be
 //!                                         missing after a crash (see `snapshots.rs`)
 //! w \0 journal                         -> a write of several keys until they are all
