@@ -284,6 +284,22 @@ impl Registry {
         fs::read_to_string(self.dir_path.join("registry.log")).unwrap_or_default()
     }
 
+    /// Whether a line of the log contains `needle` within 10 s. The registry writes a
+    /// request's access line after the response's last byte is sent, so a client that has
+    /// its answer can look before the line is there.
+    pub fn log_shows(&self, needle: &str) -> bool {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            if self.log().lines().any(|l| l.contains(needle)) {
+                return true;
+            }
+            if std::time::Instant::now() >= deadline {
+                return false;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+    }
+
     /// Kills the registry (SIGKILL, as a crash); its storage stays for [`Registry::restart`].
     pub fn kill(&mut self) -> Result<()> {
         if let Some(mut child) = self.child.take() {

@@ -543,8 +543,7 @@ fn push_of_an_index_all_platforms_or_one() {
         "{progress}"
     );
     assert!(
-        reg.log()
-            .contains(&format!("PUT /v2/library/index/manifests/{s390x}")),
+        reg.log_shows(&format!("PUT /v2/library/index/manifests/{s390x}")),
         "a child manifest goes by digest:\n{}",
         reg.log()
     );
@@ -597,9 +596,7 @@ fn ctr_push_and_pull_back(kind: Kind) {
         reg.log()
     );
     assert!(
-        writes(&reg)
-            .iter()
-            .any(|l| l.contains("\"PUT /v2/library/ctr-pushed/manifests/1")),
+        reg.log_shows("\"PUT /v2/library/ctr-pushed/manifests/1"),
         "the manifest reached the registry:\n{}",
         reg.log()
     );

@@ -132,7 +132,7 @@ fn open_registry_resolve_fetch_resume_and_not_found() {
         // The access log shows the ranged answer: 206 with only the rest of the blob.
         let ranged = format!("{} HTTP/1.1\" 206 {}", desc.digest, whole.len() - half);
         assert!(
-            reg.log().lines().any(|l| l.contains(&ranged)),
+            reg.log_shows(&ranged),
             "the registry answered a ranged GET ({ranged}):\n{}",
             reg.log()
         );
