@@ -61,28 +61,16 @@ impl DirtyBackends {
         self.content.swap(false, Ordering::SeqCst)
     }
 
-    /// Clears snapshotter `name`'s mark; whether it was set (true for an unknown name).
+    /// Clears snapshotter `name`'s mark; whether it was set.
     pub(crate) fn take_snapshotter(&self, name: &str) -> bool {
         self.snapshotters
             .get(name)
-            .is_none_or(|flag| flag.swap(false, Ordering::SeqCst))
+            .is_some_and(|flag| flag.swap(false, Ordering::SeqCst))
     }
 
-    /// Marks the content store dirty again (a collection that failed).
-    pub(crate) fn set_content(&self) {
-        self.content.store(true, Ordering::SeqCst);
-    }
-
-    /// Marks snapshotter `name` dirty again (a collection that failed).
-    pub(crate) fn set_snapshotter(&self, name: &str) {
-        if let Some(flag) = self.snapshotters.get(name) {
-            flag.store(true, Ordering::SeqCst);
-        }
-    }
-
-    /// Marks every backend dirty (a walk that failed part way).
+    /// Marks every backend dirty (a collection that failed part way).
     pub(crate) fn set_all(&self) {
-        self.set_content();
+        self.content.store(true, Ordering::SeqCst);
         for flag in self.snapshotters.values() {
             flag.store(true, Ordering::SeqCst);
         }
@@ -203,13 +191,10 @@ impl Metadata {
         DirtyMark::new(&self.dirty.content)
     }
 
-    /// Marks snapshotter `name` dirty for the operation holding the mark.
-    pub(crate) fn snapshotter_touched(&self, name: &str) -> DirtyMark {
-        match self.dirty.snapshotters.get(name) {
-            Some(flag) => DirtyMark::new(flag),
-            // Not a backend this layer sweeps: nothing to mark.
-            None => DirtyMark::new(&Arc::new(AtomicBool::new(true))),
-        }
+    /// Marks snapshotter `name` dirty for the operation holding the mark (None for a name
+    /// this layer has no backend of).
+    pub(crate) fn snapshotter_touched(&self, name: &str) -> Option<DirtyMark> {
+        self.dirty.snapshotters.get(name).map(DirtyMark::new)
     }
 
     /// Installs the receiver of mutations (the GC scheduler).

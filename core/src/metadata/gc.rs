@@ -148,9 +148,7 @@ impl Graph {
         let lease_resources = super::leases::all_resources(txn)?;
         let mut records = std::collections::BTreeMap::new();
         for (key, value) in txn.scan_prefix(b"o\0")? {
-            let mut parts = key[2..].splitn(3, |&b| b == 0);
-            let (Some(ns), Some(kind), Some(id)) = (parts.next(), parts.next(), parts.next())
-            else {
+            let Some((ns, kind, id)) = super::key_parts(&key) else {
                 continue;
             };
             let node = Node {
@@ -272,8 +270,7 @@ impl Metadata {
         let mut live = BTreeSet::new();
         for item in self.store.tree.scan_prefix(b"o\0") {
             let (key, value) = item?;
-            let mut parts = key[2..].splitn(3, |&b| b == 0);
-            let (Some(_), Some(k), Some(_)) = (parts.next(), parts.next(), parts.next()) else {
+            let Some((_, k, _)) = super::key_parts(&key) else {
                 continue;
             };
             if k != kind.as_bytes() {
@@ -361,14 +358,6 @@ impl Metadata {
             .keys()
             .filter(|name| self.dirty.take_snapshotter(name))
             .collect();
-        let restore_marks = || {
-            if content_dirty {
-                self.dirty.set_content();
-            }
-            for name in &dirty_snapshotters {
-                self.dirty.set_snapshotter(name);
-            }
-        };
         let now = SystemTime::now();
         let store = std::sync::Arc::clone(&self.store);
         // The mark reads every record: on a blocking thread, not on an async worker, which
@@ -430,7 +419,8 @@ impl Metadata {
         let (removed, live_blobs, live_ingests) = match swept {
             Ok(swept) => swept,
             Err(e) => {
-                restore_marks();
+                // Whatever this collection did not get to is walked by the next.
+                self.dirty.set_all();
                 return Err(e);
             }
         };
@@ -448,7 +438,6 @@ impl Metadata {
                 .sweep_content(backend, &live_blobs, &live_ingests, &mut report)
                 .await;
             if let Err(e) = walked {
-                // What this collection did not get to is walked by the next.
                 self.dirty.set_all();
                 return Err(e);
             }

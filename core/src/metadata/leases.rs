@@ -20,7 +20,7 @@ use crate::error::{Classify as _, Error, Result};
 use crate::filters::Filter;
 use crate::labels::{self, Labels};
 use crate::metadata::db::{Metadata, Mutation, lease_missing};
-use crate::metadata::{ObjectKind, WriteTxn, escape_id, object_key, unescape_id};
+use crate::metadata::{ObjectKind, WriteTxn, escape_id, key_parts, object_key, unescape_id};
 use crate::namespace::Namespace;
 
 /// Label holding the RFC 3339 time after which a lease no longer protects anything.
@@ -193,8 +193,7 @@ pub(crate) fn all_resources(
 ) -> Result<BTreeMap<(String, String), Vec<Resource>>> {
     let mut out: BTreeMap<(String, String), Vec<Resource>> = BTreeMap::new();
     for (key, _) in txn.scan_prefix(b"l\0")? {
-        let mut parts = key[2..].splitn(3, |b| *b == 0);
-        let (Some(ns), Some(lease), Some(rest)) = (parts.next(), parts.next(), parts.next()) else {
+        let Some((ns, lease, rest)) = key_parts(&key) else {
             continue;
         };
         if let Some(resource) = parse_resource(rest) {
@@ -245,9 +244,7 @@ pub(crate) fn remove_lease(txn: &mut WriteTxn<'_>, ns: &Namespace, id: &str) -> 
 /// Schema 2: moves the resource set out of each lease's record into records of its own.
 pub(crate) fn migrate_resources_out_of_records(txn: &mut WriteTxn<'_>) -> Result<()> {
     for (key, value) in txn.scan_prefix(b"o\0")? {
-        let mut parts = key[2..].splitn(3, |b| *b == 0);
-        let (Some(ns), Some(b"leases"), Some(id)) = (parts.next(), parts.next(), parts.next())
-        else {
+        let Some((ns, b"leases", id)) = key_parts(&key) else {
             continue;
         };
         let ns = Namespace::parse(&String::from_utf8_lossy(ns))?;

@@ -243,8 +243,7 @@ fn parent_in(record: &[u8]) -> Option<String> {
 /// Schema 3: the child edges of the snapshot records already stored.
 fn index_snapshot_children(txn: &mut WriteTxn<'_>) -> Result<()> {
     for (key, value) in txn.scan_prefix(b"o\0")? {
-        let mut parts = key[2..].splitn(3, |b| *b == 0);
-        let (Some(ns), Some(kind), Some(id)) = (parts.next(), parts.next(), parts.next()) else {
+        let Some((ns, kind, id)) = key_parts(&key) else {
             continue;
         };
         let Some(snapshotter) = kind.strip_prefix(b"snapshots/") else {
@@ -260,6 +259,13 @@ fn index_snapshot_children(txn: &mut WriteTxn<'_>) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// The three NUL-separated parts after a key's one-letter prefix: namespace, kind and id of
+/// `o\0<ns>\0<kind>\0<id>`, or namespace, lease and the rest of `l\0<ns>\0<lease>\0...`.
+pub(crate) fn key_parts(key: &[u8]) -> Option<(&[u8], &[u8], &[u8])> {
+    let mut parts = key.get(2..)?.splitn(3, |b| *b == 0);
+    Some((parts.next()?, parts.next()?, parts.next()?))
 }
 
 fn encode<T: Serialize>(value: &T) -> Result<Vec<u8>> {
