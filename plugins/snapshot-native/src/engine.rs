@@ -17,6 +17,9 @@
 //!                      metadata lock and deleted after it
 //! ```
 //!
+//! staging/ carries ext4's top-directory flag, so each snapshot's tree is placed in a block
+//! group of its own ([`fsutil::mark_top_of_hierarchies`]).
+//!
 //! Creation fills a staging directory without holding the metadata lock, then re-checks the
 //! key and parent, renames the directory into place and writes the record under the lock: a
 //! crash leaves at worst a staging directory (removed on the next open) or a directory
@@ -178,6 +181,13 @@ fn create_private_dir(path: &Path) -> Result<()> {
     }
 }
 
+/// Where a start's staging names begin: the clock's nanoseconds, different at each start.
+fn staging_seed() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64)
+}
+
 fn remove_logged(path: &Path) {
     match std::fs::remove_dir_all(path) {
         Ok(()) => {}
@@ -253,12 +263,23 @@ impl<L: Layout> DirSnapshotter<L> {
                     let staging = paths.staging();
                     remove_logged(&staging);
                     create_private_dir(&staging)?;
+                    // Snapshot directories are made in staging/ and renamed out of it, so
+                    // their block group is chosen here.
+                    match fsutil::mark_top_of_hierarchies(&staging) {
+                        Ok(true) => {}
+                        Ok(false) => tracing::debug!(path = %staging.display(), "no top-directory flag on this file system; snapshots stay in their parent's block group"),
+                        Err(e) => tracing::warn!(error = %e, "cannot mark staging/ as the top of unrelated hierarchies; unpacks after removals may be slower"),
+                    }
                     Ok(Arc::new(Engine {
                         paths,
                         layout,
                         options,
                         store,
-                        staging_seq: AtomicU64::new(0),
+                        // Names differ from one start to the next: ext4 hashes a new
+                        // directory's name to pick where its search for a block group starts
+                        // (see `mark_top_of_hierarchies`), and names repeated after a restart
+                        // would lead it back to the group the last run's removals emptied.
+                        staging_seq: AtomicU64::new(staging_seed()),
                         spares: std::sync::Mutex::new(Vec::new()),
                         refilling: std::sync::atomic::AtomicBool::new(false),
                     }))

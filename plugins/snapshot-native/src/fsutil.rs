@@ -324,6 +324,39 @@ pub fn sync_dir(dir: &Path) -> FsResult<()> {
     at("sync directory", dir, f.sync_all())
 }
 
+/// Marks `dir` as the top of unrelated directory hierarchies (ext4's `FS_TOPDIR_FL`, what
+/// `chattr +T` sets): the Orlov allocator then places each directory made in it in a block
+/// group of its own choosing instead of its parent's, and the files below follow their
+/// directory. Each snapshot is such a hierarchy. It matters most on ext4 without a journal,
+/// which skips every free inode deleted in the last minute on each allocation (scanning them
+/// again for every file): without the flag, an unpack after an image was removed lands in
+/// the group just emptied and pays that scan per file (a 20,000-file tree here: 2-6 s
+/// instead of 0.6 s). Returns whether the flag is set; file systems without inode flags
+/// (tmpfs, overlayfs, xfs) leave the allocator as it is, which is no error.
+pub fn mark_top_of_hierarchies(dir: &Path) -> FsResult<bool> {
+    use rustix::fs::{IFlags, ioctl_getflags, ioctl_setflags};
+    let f = at("open directory", dir, fs::File::open(dir))?;
+    let unsupported = |e: rustix::io::Errno| {
+        matches!(
+            e,
+            rustix::io::Errno::NOTTY | rustix::io::Errno::OPNOTSUPP | rustix::io::Errno::INVAL
+        )
+    };
+    let flags = match ioctl_getflags(&f) {
+        Ok(flags) => flags,
+        Err(e) if unsupported(e) => return Ok(false),
+        Err(e) => return at("read inode flags of", dir, Err(e.into())),
+    };
+    if flags.contains(IFlags::TOPDIR) {
+        return Ok(true);
+    }
+    match ioctl_setflags(&f, flags | IFlags::TOPDIR) {
+        Ok(()) => Ok(true),
+        Err(e) if unsupported(e) => Ok(false),
+        Err(e) => at("set the top-directory flag on", dir, Err(e.into())),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -198,6 +198,39 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn staging_is_the_top_of_unrelated_hierarchies() {
+        use rustix::fs::{IFlags, ioctl_getflags};
+        let dir = tempfile::tempdir().expect("tempdir");
+        let probe = std::fs::File::open(dir.path()).expect("open tempdir");
+        if let Err(e) = ioctl_getflags(&probe) {
+            eprintln!(
+                "SKIPPED: the file system of {} has no inode flags ({e}); the top-directory \
+                 flag cannot be checked here",
+                dir.path().display()
+            );
+            return;
+        }
+        let sn = native(dir.path().join("native"));
+        sn.open().await.expect("open");
+        let staging = std::fs::File::open(dir.path().join("native/staging")).expect("staging");
+        let flags = ioctl_getflags(&staging).expect("flags of staging/");
+        assert!(
+            flags.contains(IFlags::TOPDIR),
+            "staging/ should carry FS_TOPDIR_FL, has {flags:?}"
+        );
+        // Reopening (a restart empties and remakes staging/) marks the new one again.
+        drop(sn);
+        let sn = native(dir.path().join("native"));
+        sn.open().await.expect("reopen");
+        let staging = std::fs::File::open(dir.path().join("native/staging")).expect("staging");
+        assert!(
+            ioctl_getflags(&staging)
+                .expect("flags")
+                .contains(IFlags::TOPDIR)
+        );
+    }
+
+    #[tokio::test]
     async fn a_directory_left_by_a_crash_does_not_block_its_id() {
         use berth_core::content::CallContext;
         use berth_core::snapshot::Snapshotter;
