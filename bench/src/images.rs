@@ -556,6 +556,29 @@ impl Workload for ImageImport {
                 better: Better::Lower,
                 method: "the same after the unpacked import of the gzip build.",
             },
+            Metric {
+                name: SAME_PLACEMENT_CTR,
+                unit: "s",
+                // Context, not a target: the targets compare with containerd as shipped.
+                target_ratio: None,
+                better: Better::Lower,
+                method: concat!(
+                    "`import+unpack, tar layers` again, with containerd on a flagged root: ",
+                    crate::placement::flagged_root_method!()
+                ),
+            },
+            Metric {
+                name: SAME_PLACEMENT_BERTH,
+                unit: "s",
+                // Context, not a target: the targets compare with containerd as shipped.
+                target_ratio: None,
+                better: Better::Lower,
+                method: concat!(
+                    "`berth images import+unpack, tar layers (containerd: ctr)` with the \
+                     containerd column of the row above: ",
+                    crate::placement::flagged_root_method!()
+                ),
+            },
         ]
     }
 
@@ -657,6 +680,59 @@ impl Workload for ImageImport {
             check_imported(&d, image, false)?;
             retire(d);
         }
+        same_placement(&imgs.tar, kind, &mut out)?;
         Ok(out)
     }
+}
+
+/// `import+unpack, tar layers` with containerd on a root flagged as berthd's (see
+/// [`crate::placement`]).
+const SAME_PLACEMENT_CTR: &str =
+    "import+unpack, tar layers, same placement (containerd: snapshots/ +T)";
+/// `berth images import` of the tar build against that containerd figure.
+const SAME_PLACEMENT_BERTH: &str =
+    "berth images import+unpack, tar layers (containerd: ctr, snapshots/ +T)";
+
+/// The same-placement rows: one more `ctr images import` of the tar build by containerd on a
+/// flagged root; berthd's figures of this run stand for it.
+fn same_placement(
+    image: &TestImage,
+    kind: Kind,
+    out: &mut BTreeMap<&'static str, f64>,
+) -> Result<()> {
+    let reuse = |out: &BTreeMap<&'static str, f64>, metric: &str| {
+        out.get(metric)
+            .copied()
+            .ok_or_else(|| anyhow!("no {metric} measurement to reuse"))
+    };
+    if kind == Kind::Berthd {
+        let ctr_secs = reuse(out, "import+unpack, tar layers")?;
+        let berth_secs = reuse(
+            out,
+            "berth images import+unpack, tar layers (containerd: ctr)",
+        )?;
+        out.insert(SAME_PLACEMENT_CTR, ctr_secs);
+        out.insert(SAME_PLACEMENT_BERTH, berth_secs);
+        return Ok(());
+    }
+    let root = crate::placement::FlaggedRoot::new()?;
+    let d = crate::placement::containerd_on(&root, NO_STARTUP_GC)?;
+    let archive = image.oci_archive.to_string_lossy().into_owned();
+    let secs = timed_ctr(
+        &d,
+        &[
+            "-n",
+            NS,
+            "images",
+            "import",
+            "--snapshotter",
+            "overlayfs",
+            &archive,
+        ],
+    )?;
+    check_imported(&d, image, true)?;
+    crate::placement::retire_with_root(d, root);
+    out.insert(SAME_PLACEMENT_CTR, secs);
+    out.insert(SAME_PLACEMENT_BERTH, secs);
+    Ok(())
 }

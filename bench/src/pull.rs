@@ -39,6 +39,11 @@ const MAX_DOWNLOADS: u32 = 3;
 /// The config key that says berthd can fetch in parts.
 const MULTIPART_KEY: &str = "concurrent_layer_fetch_buffer";
 
+/// `ctr pull, gzip` with containerd on a root flagged as berthd's (see [`crate::placement`]).
+const SAME_PLACEMENT_CTR: &str = "ctr pull, gzip, same placement (containerd: snapshots/ +T)";
+/// `berth pull, gzip` against that containerd figure.
+const SAME_PLACEMENT_BERTH: &str = "berth pull, gzip (containerd: ctr pull, snapshots/ +T)";
+
 /// One pushed variant of the image.
 struct Variant {
     /// `gzip` or `zstd`, for metric names.
@@ -490,6 +495,31 @@ impl Workload for Pull {
                 },
             ]);
         }
+        out.extend([
+            Metric {
+                name: SAME_PLACEMENT_CTR,
+                unit: "s",
+                // Context, not a target: the targets compare with containerd as shipped.
+                target_ratio: None,
+                better: Better::Lower,
+                method: concat!(
+                    "`ctr pull, gzip` again, with containerd on a flagged root: ",
+                    crate::placement::flagged_root_method!()
+                ),
+            },
+            Metric {
+                name: SAME_PLACEMENT_BERTH,
+                unit: "s",
+                // Context, not a target: the targets compare with containerd as shipped.
+                target_ratio: None,
+                better: Better::Lower,
+                method: concat!(
+                    "`berth pull, gzip (containerd: ctr pull)` with the containerd column of \
+                     the row above: ",
+                    crate::placement::flagged_root_method!()
+                ),
+            },
+        ]);
         out
     }
 
@@ -547,7 +577,46 @@ impl Workload for Pull {
                 out.insert(metric, secs);
             }
         }
+        self.same_placement(setup, kind, &mut out)?;
         Ok(out)
+    }
+}
+
+impl Pull {
+    /// The same-placement rows (see [`crate::placement`]): one more `ctr pull` of the gzip
+    /// variant by containerd on a flagged root; berthd's figures of this run stand for it.
+    fn same_placement(
+        &self,
+        setup: &Setup,
+        kind: Kind,
+        out: &mut BTreeMap<&'static str, f64>,
+    ) -> Result<()> {
+        let [pull, _, bpull, ..] = names("gzip");
+        let reuse = |out: &BTreeMap<&'static str, f64>, metric: &str| {
+            out.get(metric)
+                .copied()
+                .ok_or_else(|| anyhow!("no {metric} measurement to reuse"))
+        };
+        if kind == Kind::Berthd {
+            let (ctr_secs, berth_secs) = (reuse(out, pull)?, reuse(out, bpull)?);
+            out.insert(SAME_PLACEMENT_CTR, ctr_secs);
+            out.insert(SAME_PLACEMENT_BERTH, berth_secs);
+            return Ok(());
+        }
+        let Some(v) = setup.variants.iter().find(|v| v.label == "gzip") else {
+            bail!("no gzip variant was pushed");
+        };
+        let root = crate::placement::FlaggedRoot::new()?;
+        let d = crate::placement::containerd_on(&root, NO_STARTUP_GC)?;
+        let secs = ctr(
+            &d,
+            &["-n", NS, "images", "pull", "--plain-http", &v.reference],
+        )?;
+        check(&d, v, true)?;
+        crate::placement::retire_with_root(d, root);
+        out.insert(SAME_PLACEMENT_CTR, secs);
+        out.insert(SAME_PLACEMENT_BERTH, secs);
+        Ok(())
     }
 }
 

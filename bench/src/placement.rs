@@ -1,0 +1,96 @@
+//! The "same placement" rows: containerd on a root whose overlayfs `snapshots/` carries
+//! ext4's top-directory flag (`chattr +T`), the hint berthd's snapshotters set on their
+//! `staging/` (where each snapshot directory is made before it is renamed into place).
+//!
+//! With the flag, ext4's Orlov allocator puts each new snapshot directory, and the files below
+//! it, in a block group of its own choosing instead of its parent's. On this VM's journal-less
+//! ext4 that keeps an unpack out of the group a previous run's removal just emptied, whose
+//! recently deleted inodes every allocation there scans (see the report's note on the file
+//! system). containerd makes its snapshot directories as `snapshots/new-*` and renames them,
+//! so the flag on `snapshots/` reaches them the same way. These rows say how much of a margin
+//! is that placement alone.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use anyhow::{Result, bail};
+use berth_integration::{Daemon, Kind, Options, Profile, run_command};
+
+/// containerd's overlayfs snapshotter directory under a daemon root.
+const OVERLAY_SNAPSHOTS: &str = "io.containerd.snapshotter.v1.overlayfs/snapshots";
+
+/// A daemon root whose overlayfs `snapshots/` is made ahead with `chattr +T`; removed on drop.
+pub(crate) struct FlaggedRoot {
+    dir: tempfile::TempDir,
+}
+
+impl FlaggedRoot {
+    /// Makes the root under /tmp (beside the daemons' own directories).
+    pub(crate) fn new() -> Result<FlaggedRoot> {
+        let dir = tempfile::Builder::new()
+            .prefix("berth-bench-root-")
+            .tempdir_in("/tmp")?;
+        let snapshots = dir.path().join("root").join(OVERLAY_SNAPSHOTS);
+        std::fs::create_dir_all(&snapshots)?;
+        let out = run_command(
+            Command::new("chattr").arg("+T").arg(&snapshots),
+            Duration::from_secs(30),
+        )?;
+        if !out.success() {
+            bail!("chattr +T {}: {out}", snapshots.display());
+        }
+        Ok(FlaggedRoot { dir })
+    }
+
+    /// The root to give the daemon.
+    pub(crate) fn root(&self) -> PathBuf {
+        self.dir.path().join("root")
+    }
+
+    fn path(&self) -> &Path {
+        self.dir.path()
+    }
+}
+
+/// A release containerd on `root` with `extra` config.
+pub(crate) fn containerd_on(root: &FlaggedRoot, extra: &str) -> Result<Daemon> {
+    Daemon::launch(
+        Kind::Containerd,
+        Options {
+            profile: Profile::Release,
+            extra_config: extra.to_string(),
+            root: Some(root.root()),
+            ready_timeout: Duration::from_secs(60),
+            stop_timeout: Duration::from_secs(120),
+            ..Options::default()
+        },
+    )
+}
+
+/// Stops the daemon, removes its directory and the root, and flushes the file system, as
+/// every other run ends.
+pub(crate) fn retire_with_root(d: Daemon, root: FlaggedRoot) {
+    drop(d);
+    let path = root.path().to_path_buf();
+    if let Err(e) = root.dir.close() {
+        eprintln!("berth-bench: removing {}: {e}", path.display());
+    }
+    if let Err(e) = Command::new("sync").status() {
+        eprintln!("berth-bench: sync: {e}");
+    }
+}
+
+/// What the methods of the rows say about the flagged root (a macro, so `concat!` takes it).
+macro_rules! flagged_root_method {
+    () => {
+        "containerd runs on a root whose `io.containerd.snapshotter.v1.overlayfs/snapshots` \
+         was made beforehand with `chattr +T` (ext4's FS_TOPDIR_FL), the hint berthd's \
+         snapshotters set on their `staging/`: ext4 then places each new snapshot directory \
+         in a block group of its own instead of the group a previous run's removal just \
+         emptied (see the note on this machine's file system). berthd's column is its figure \
+         of the same run from the row named, since berthd always sets the flag. The row says \
+         how much of that row's margin is the placement alone."
+    };
+}
+pub(crate) use flagged_root_method;
