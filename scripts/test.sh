@@ -29,6 +29,10 @@ echo "== cargo deny (bans, licenses, sources)"
 if ! command -v cargo-deny >/dev/null; then
   cargo install --locked cargo-deny
 fi
+# cargo-deny reads `cargo metadata` of every target's dependencies, windows-only crates
+# included, which a build for this host never downloads: fetch them first (a no-op once
+# cached), so the check itself runs offline on a fresh machine.
+cargo fetch --locked
 cargo deny --offline check bans licenses sources
 echo "== build (the integration tests drive target/debug/berthd)"
 cargo build --workspace --bins
