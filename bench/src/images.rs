@@ -478,7 +478,7 @@ impl Workload for ImageImport {
     }
 
     fn metrics(&self) -> Vec<Metric> {
-        vec![
+        let mut out = vec![
             Metric {
                 name: "import+unpack, tar layers",
                 unit: "s",
@@ -556,30 +556,22 @@ impl Workload for ImageImport {
                 better: Better::Lower,
                 method: "the same after the unpacked import of the gzip build.",
             },
-            Metric {
-                name: SAME_PLACEMENT_CTR,
-                unit: "s",
-                // Context, not a target: the targets compare with containerd as shipped.
-                target_ratio: None,
-                better: Better::Lower,
-                method: concat!(
+        ];
+        out.extend(crate::placement::metrics(
+            SAME_PLACEMENT,
+            [
+                concat!(
                     "`import+unpack, tar layers` again, with containerd on a flagged root: ",
                     crate::placement::flagged_root_method!()
                 ),
-            },
-            Metric {
-                name: SAME_PLACEMENT_BERTH,
-                unit: "s",
-                // Context, not a target: the targets compare with containerd as shipped.
-                target_ratio: None,
-                better: Better::Lower,
-                method: concat!(
+                concat!(
                     "`berth images import+unpack, tar layers (containerd: ctr)` with the \
                      containerd column of the row above: ",
                     crate::placement::flagged_root_method!()
                 ),
-            },
-        ]
+            ],
+        ));
+        out
     }
 
     fn run(&self, kind: Kind, _ctx: &Ctx) -> Result<BTreeMap<&'static str, f64>> {
@@ -600,18 +592,7 @@ impl Workload for ImageImport {
         for (image, import_metric, rm_metric) in cases {
             let d = bench_daemon(kind)?;
             let archive = image.oci_archive.to_string_lossy().into_owned();
-            let secs = timed_ctr(
-                &d,
-                &[
-                    "-n",
-                    NS,
-                    "images",
-                    "import",
-                    "--snapshotter",
-                    "overlayfs",
-                    &archive,
-                ],
-            )?;
+            let secs = ctr_import_unpacked(&d, &archive)?;
             out.insert(import_metric, secs);
             check_imported(&d, image, true)?;
             let secs = timed_ctr(&d, &["-n", NS, "images", "rm", "--sync", &image.name])?;
@@ -685,13 +666,12 @@ impl Workload for ImageImport {
     }
 }
 
-/// `import+unpack, tar layers` with containerd on a root flagged as berthd's (see
-/// [`crate::placement`]).
-const SAME_PLACEMENT_CTR: &str =
-    "import+unpack, tar layers, same placement (containerd: snapshots/ +T)";
-/// `berth images import` of the tar build against that containerd figure.
-const SAME_PLACEMENT_BERTH: &str =
-    "berth images import+unpack, tar layers (containerd: ctr, snapshots/ +T)";
+/// `import+unpack, tar layers` and `berth images import` of the tar build against
+/// containerd on a root flagged as berthd's (see [`crate::placement`]).
+const SAME_PLACEMENT: [&str; 2] = [
+    "import+unpack, tar layers, same placement (containerd: snapshots/ +T)",
+    "berth images import+unpack, tar layers (containerd: ctr, snapshots/ +T)",
+];
 
 /// The same-placement rows: one more `ctr images import` of the tar build by containerd on a
 /// flagged root; berthd's figures of this run stand for it.
@@ -700,26 +680,32 @@ fn same_placement(
     kind: Kind,
     out: &mut BTreeMap<&'static str, f64>,
 ) -> Result<()> {
-    let reuse = |out: &BTreeMap<&'static str, f64>, metric: &str| {
-        out.get(metric)
-            .copied()
-            .ok_or_else(|| anyhow!("no {metric} measurement to reuse"))
-    };
     if kind == Kind::Berthd {
-        let ctr_secs = reuse(out, "import+unpack, tar layers")?;
-        let berth_secs = reuse(
+        return crate::placement::copy_berthd_figures(
             out,
-            "berth images import+unpack, tar layers (containerd: ctr)",
-        )?;
-        out.insert(SAME_PLACEMENT_CTR, ctr_secs);
-        out.insert(SAME_PLACEMENT_BERTH, berth_secs);
-        return Ok(());
+            [
+                "import+unpack, tar layers",
+                "berth images import+unpack, tar layers (containerd: ctr)",
+            ],
+            SAME_PLACEMENT,
+        );
     }
     let root = crate::placement::FlaggedRoot::new()?;
     let d = crate::placement::containerd_on(&root, NO_STARTUP_GC)?;
     let archive = image.oci_archive.to_string_lossy().into_owned();
-    let secs = timed_ctr(
-        &d,
+    let secs = ctr_import_unpacked(&d, &archive)?;
+    check_imported(&d, image, true)?;
+    crate::placement::retire_with_root(d, root);
+    for name in SAME_PLACEMENT {
+        out.insert(name, secs);
+    }
+    Ok(())
+}
+
+/// `ctr images import --snapshotter overlayfs ARCHIVE` into the bench namespace; its seconds.
+fn ctr_import_unpacked(d: &Daemon, archive: &str) -> Result<f64> {
+    timed_ctr(
+        d,
         &[
             "-n",
             NS,
@@ -727,12 +713,7 @@ fn same_placement(
             "import",
             "--snapshotter",
             "overlayfs",
-            &archive,
+            archive,
         ],
-    )?;
-    check_imported(&d, image, true)?;
-    crate::placement::retire_with_root(d, root);
-    out.insert(SAME_PLACEMENT_CTR, secs);
-    out.insert(SAME_PLACEMENT_BERTH, secs);
-    Ok(())
+    )
 }

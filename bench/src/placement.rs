@@ -10,12 +10,15 @@
 //! so the flag on `snapshots/` reaches them the same way. These rows say how much of a margin
 //! is that placement alone.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use anyhow::{Result, bail};
+use anyhow::{Result, anyhow, bail};
 use berth_integration::{Daemon, Kind, Options, Profile, run_command};
+
+use crate::{Better, Metric};
 
 /// containerd's overlayfs snapshotter directory under a daemon root.
 const OVERLAY_SNAPSHOTS: &str = "io.containerd.snapshotter.v1.overlayfs/snapshots";
@@ -79,6 +82,36 @@ pub(crate) fn retire_with_root(d: Daemon, root: FlaggedRoot) {
     if let Err(e) = Command::new("sync").status() {
         eprintln!("berth-bench: sync: {e}");
     }
+}
+
+/// The two rows of a workload, `[ctr, berth]`: times in seconds, lower is better, no target
+/// (the targets compare with containerd as shipped; these are context).
+pub(crate) fn metrics(names: [&'static str; 2], methods: [&'static str; 2]) -> [Metric; 2] {
+    let row = |name, method| Metric {
+        name,
+        unit: "s",
+        target_ratio: None,
+        better: Better::Lower,
+        method,
+    };
+    [row(names[0], methods[0]), row(names[1], methods[1])]
+}
+
+/// berthd's figures of this run (`from`, same order) stand for the rows `names`: berthd always
+/// sets the flag.
+pub(crate) fn copy_berthd_figures(
+    out: &mut BTreeMap<&'static str, f64>,
+    from: [&str; 2],
+    names: [&'static str; 2],
+) -> Result<()> {
+    for (from, name) in from.into_iter().zip(names) {
+        let secs = out
+            .get(from)
+            .copied()
+            .ok_or_else(|| anyhow!("no {from} measurement to reuse"))?;
+        out.insert(name, secs);
+    }
+    Ok(())
 }
 
 /// What the methods of the rows say about the flagged root (a macro, so `concat!` takes it).

@@ -39,10 +39,12 @@ const MAX_DOWNLOADS: u32 = 3;
 /// The config key that says berthd can fetch in parts.
 const MULTIPART_KEY: &str = "concurrent_layer_fetch_buffer";
 
-/// `ctr pull, gzip` with containerd on a root flagged as berthd's (see [`crate::placement`]).
-const SAME_PLACEMENT_CTR: &str = "ctr pull, gzip, same placement (containerd: snapshots/ +T)";
-/// `berth pull, gzip` against that containerd figure.
-const SAME_PLACEMENT_BERTH: &str = "berth pull, gzip (containerd: ctr pull, snapshots/ +T)";
+/// `ctr pull, gzip` and `berth pull, gzip` against containerd on a root flagged as berthd's
+/// (see [`crate::placement`]).
+const SAME_PLACEMENT: [&str; 2] = [
+    "ctr pull, gzip, same placement (containerd: snapshots/ +T)",
+    "berth pull, gzip (containerd: ctr pull, snapshots/ +T)",
+];
 
 /// One pushed variant of the image.
 struct Variant {
@@ -495,31 +497,20 @@ impl Workload for Pull {
                 },
             ]);
         }
-        out.extend([
-            Metric {
-                name: SAME_PLACEMENT_CTR,
-                unit: "s",
-                // Context, not a target: the targets compare with containerd as shipped.
-                target_ratio: None,
-                better: Better::Lower,
-                method: concat!(
+        out.extend(crate::placement::metrics(
+            SAME_PLACEMENT,
+            [
+                concat!(
                     "`ctr pull, gzip` again, with containerd on a flagged root: ",
                     crate::placement::flagged_root_method!()
                 ),
-            },
-            Metric {
-                name: SAME_PLACEMENT_BERTH,
-                unit: "s",
-                // Context, not a target: the targets compare with containerd as shipped.
-                target_ratio: None,
-                better: Better::Lower,
-                method: concat!(
+                concat!(
                     "`berth pull, gzip (containerd: ctr pull)` with the containerd column of \
                      the row above: ",
                     crate::placement::flagged_root_method!()
                 ),
-            },
-        ]);
+            ],
+        ));
         out
     }
 
@@ -592,16 +583,8 @@ impl Pull {
         out: &mut BTreeMap<&'static str, f64>,
     ) -> Result<()> {
         let [pull, _, bpull, ..] = names("gzip");
-        let reuse = |out: &BTreeMap<&'static str, f64>, metric: &str| {
-            out.get(metric)
-                .copied()
-                .ok_or_else(|| anyhow!("no {metric} measurement to reuse"))
-        };
         if kind == Kind::Berthd {
-            let (ctr_secs, berth_secs) = (reuse(out, pull)?, reuse(out, bpull)?);
-            out.insert(SAME_PLACEMENT_CTR, ctr_secs);
-            out.insert(SAME_PLACEMENT_BERTH, berth_secs);
-            return Ok(());
+            return crate::placement::copy_berthd_figures(out, [pull, bpull], SAME_PLACEMENT);
         }
         let Some(v) = setup.variants.iter().find(|v| v.label == "gzip") else {
             bail!("no gzip variant was pushed");
@@ -614,8 +597,9 @@ impl Pull {
         )?;
         check(&d, v, true)?;
         crate::placement::retire_with_root(d, root);
-        out.insert(SAME_PLACEMENT_CTR, secs);
-        out.insert(SAME_PLACEMENT_BERTH, secs);
+        for name in SAME_PLACEMENT {
+            out.insert(name, secs);
+        }
         Ok(())
     }
 }
