@@ -39,6 +39,21 @@ fn snapshots(d: &Daemon, ns: &str, snapshotter: &str) -> Vec<(String, String, St
         .collect()
 }
 
+/// Unmounts `target`, waiting while it is busy: another test thread of this process that
+/// forks (to run ctr or sh) while a file under `target` is open gives its child a copy of that
+/// descriptor until the child's exec, and the unmount fails with EBUSY meanwhile.
+fn umount_when_released(target: &std::path::Path) {
+    for _ in 0..50 {
+        match nix::mount::umount(target) {
+            Err(nix::errno::Errno::EBUSY) => {
+                std::thread::sleep(std::time::Duration::from_millis(100))
+            }
+            done => return done.unwrap_or_else(|e| panic!("umount {}: {e}", target.display())),
+        }
+    }
+    panic!("{} is still busy after 5 s", target.display());
+}
+
 fn ctr_snapshots_on_the_proxy(kind: Kind) {
     let dir = temp_dir();
     let proxy = Proxy::start(dir.path());
@@ -71,7 +86,7 @@ fn ctr_snapshots_on_the_proxy(kind: Kind) {
         .expect("mount");
     assert!(status.success(), "mount: {mounts}");
     std::fs::write(target.join("hello"), "from the proxy\n").expect("write through the mount");
-    nix::mount::umount(&target).expect("umount");
+    umount_when_released(&target);
 
     ctr(&["commit", "layer-1", "work"]);
     ctr(&["prepare", "child", "layer-1"]);
@@ -106,7 +121,7 @@ fn ctr_snapshots_on_the_proxy(kind: Kind) {
         .expect("mount");
     assert!(status.success(), "mount: {mounts}");
     let read = std::fs::read_to_string(target.join("hello"));
-    nix::mount::umount(&target).expect("umount");
+    umount_when_released(&target);
     assert_eq!(read.expect("the parent's file"), "from the proxy\n");
 
     // The proxy's own rules reach ctr: a parent with children cannot go.
