@@ -17,8 +17,8 @@
 //!                      metadata lock and deleted after it
 //! ```
 //!
-//! staging/ carries ext4's top-directory flag, so each snapshot's tree is placed in a block
-//! group of its own ([`fsutil::mark_top_of_hierarchies`]).
+//! staging/ carries ext4's top-directory flag, so the block group of each snapshot's tree is
+//! chosen afresh rather than inherited from staging/ ([`fsutil::mark_top_of_hierarchies`]).
 //!
 //! Creation fills a staging directory without holding the metadata lock, then re-checks the
 //! key and parent, renames the directory into place and writes the record under the lock: a
