@@ -533,6 +533,9 @@ impl Workload for Pull {
             check(&d, v, true)?;
             retire(d);
             out.insert(pull, secs);
+            if kind == Kind::Containerd && v.label == "gzip" {
+                flagged_pull(v, &off, &mut out)?;
+            }
 
             let d = daemon(kind, &off)?;
             let fetch_secs = ctr(
@@ -568,40 +571,31 @@ impl Workload for Pull {
                 out.insert(metric, secs);
             }
         }
-        self.same_placement(setup, kind, &mut out)?;
+        if kind == Kind::Berthd {
+            let [pull, _, bpull, ..] = names("gzip");
+            crate::placement::copy_berthd_figures(&mut out, [pull, bpull], SAME_PLACEMENT)?;
+        }
         Ok(out)
     }
 }
 
-impl Pull {
-    /// The same-placement rows (see [`crate::placement`]): one more `ctr pull` of the gzip
-    /// variant by containerd on a flagged root; berthd's figures of this run stand for it.
-    fn same_placement(
-        &self,
-        setup: &Setup,
-        kind: Kind,
-        out: &mut BTreeMap<&'static str, f64>,
-    ) -> Result<()> {
-        let [pull, _, bpull, ..] = names("gzip");
-        if kind == Kind::Berthd {
-            return crate::placement::copy_berthd_figures(out, [pull, bpull], SAME_PLACEMENT);
-        }
-        let Some(v) = setup.variants.iter().find(|v| v.label == "gzip") else {
-            bail!("no gzip variant was pushed");
-        };
-        let root = crate::placement::FlaggedRoot::new()?;
-        let d = crate::placement::containerd_on(&root, NO_STARTUP_GC)?;
-        let secs = ctr(
-            &d,
-            &["-n", NS, "images", "pull", "--plain-http", &v.reference],
-        )?;
-        check(&d, v, true)?;
-        crate::placement::retire_with_root(d, root);
-        for name in SAME_PLACEMENT {
-            out.insert(name, secs);
-        }
-        Ok(())
+/// The same-placement rows (see [`crate::placement`]): `ctr pull` of `v` again, by containerd
+/// on a flagged root with the same `config`; berthd's figures of the run stand for it.
+fn flagged_pull(v: &Variant, config: &str, out: &mut BTreeMap<&'static str, f64>) -> Result<()> {
+    let Some(root) = crate::placement::FlaggedRoot::new()? else {
+        return Ok(());
+    };
+    let d = crate::placement::containerd_on(&root, config)?;
+    let secs = ctr(
+        &d,
+        &["-n", NS, "images", "pull", "--plain-http", &v.reference],
+    )?;
+    check(&d, v, true)?;
+    crate::placement::retire_with_root(d, root);
+    for name in SAME_PLACEMENT {
+        out.insert(name, secs);
     }
+    Ok(())
 }
 
 #[cfg(test)]
