@@ -25,14 +25,19 @@ pub(crate) const NS: &str = "bench";
 /// The lease the snapshot cycles run under.
 pub(crate) const LEASE: &str = "bench-snapshots";
 
-/// A release-build daemon on a private root, without the collection 100 ms after start-up
-/// (it would land inside a measurement).
-fn bench_daemon(kind: Kind) -> Result<Daemon> {
+/// A release-build daemon on a private root (or on `root`), with `extra` config and without
+/// the collection 100 ms after start-up (it would land inside a measurement).
+pub(crate) fn release_daemon(
+    kind: Kind,
+    extra: &str,
+    root: Option<std::path::PathBuf>,
+) -> Result<Daemon> {
     Daemon::launch(
         kind,
         Options {
             profile: Profile::Release,
-            extra_config: NO_STARTUP_GC.to_string(),
+            extra_config: format!("{NO_STARTUP_GC}\n{extra}"),
+            root,
             ready_timeout: Duration::from_secs(60),
             stop_timeout: Duration::from_secs(120),
             ..Options::default()
@@ -40,9 +45,12 @@ fn bench_daemon(kind: Kind) -> Result<Daemon> {
     )
 }
 
+fn bench_daemon(kind: Kind) -> Result<Daemon> {
+    release_daemon(kind, "", None)
+}
+
 /// Stops a daemon, removes its directory and flushes the file system, so the next run does not
-/// pay for this one's deletions (this ext4 is slow to create many files right after removing
-/// many while the journal still holds the removals).
+/// pay for this one's write-back.
 pub(crate) fn retire(d: Daemon) {
     drop(d);
     if let Err(e) = std::process::Command::new("sync").status() {
@@ -600,7 +608,12 @@ impl Workload for ImageImport {
             check_removed(&d)?;
             retire(d);
             if kind == Kind::Containerd && import_metric == "import+unpack, tar layers" {
-                flagged_import(image, &mut out)?;
+                // The same-placement rows, right after the run they repeat.
+                crate::placement::measure_containerd(&mut out, SAME_PLACEMENT, "", |d| {
+                    let secs = ctr_import_unpacked(d, &archive)?;
+                    check_imported(d, image, true)?;
+                    Ok(secs)
+                })?;
             }
         }
         let cases: [(&TestImage, &'static str, &'static str); 2] = [
@@ -684,24 +697,6 @@ const SAME_PLACEMENT: [&str; 2] = [
     "import+unpack, tar layers, same placement (containerd: snapshots/ +T)",
     "berth images import+unpack, tar layers (containerd: ctr, snapshots/ +T)",
 ];
-
-/// The same-placement rows: `ctr images import` of `image` again, by containerd on a flagged
-/// root with the bench's config (see [`crate::placement`]); berthd's figures of the run stand
-/// for it.
-fn flagged_import(image: &TestImage, out: &mut BTreeMap<&'static str, f64>) -> Result<()> {
-    let Some(root) = crate::placement::FlaggedRoot::new()? else {
-        return Ok(());
-    };
-    let d = crate::placement::containerd_on(&root, "")?;
-    let archive = image.oci_archive.to_string_lossy().into_owned();
-    let secs = ctr_import_unpacked(&d, &archive)?;
-    check_imported(&d, image, true)?;
-    crate::placement::retire_with_root(d, root);
-    for name in SAME_PLACEMENT {
-        out.insert(name, secs);
-    }
-    Ok(())
-}
 
 /// `ctr images import --snapshotter overlayfs ARCHIVE` into the bench namespace; its seconds.
 fn ctr_import_unpacked(d: &Daemon, archive: &str) -> Result<f64> {

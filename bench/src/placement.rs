@@ -15,10 +15,9 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::time::Duration;
 
 use anyhow::{Result, anyhow};
-use berth_integration::{Daemon, Kind, NO_STARTUP_GC, Options, Profile};
+use berth_integration::{Daemon, Kind};
 
 use crate::{Better, Metric};
 
@@ -26,14 +25,14 @@ use crate::{Better, Metric};
 const OVERLAY_SNAPSHOTS: &str = "io.containerd.snapshotter.v1.overlayfs/snapshots";
 
 /// A daemon root whose overlayfs `snapshots/` is made ahead with `chattr +T`; removed on drop.
-pub(crate) struct FlaggedRoot {
+struct FlaggedRoot {
     dir: tempfile::TempDir,
 }
 
 impl FlaggedRoot {
     /// Makes the root under /tmp (beside the daemons' own directories); `None`, said loudly,
     /// where the file system does not take the flag (the rows then stay unmeasured).
-    pub(crate) fn new() -> Result<Option<FlaggedRoot>> {
+    fn new() -> Result<Option<FlaggedRoot>> {
         let dir = tempfile::Builder::new()
             .prefix("berth-bench-root-")
             .tempdir_in("/tmp")?;
@@ -50,7 +49,7 @@ impl FlaggedRoot {
     }
 
     /// The root to give the daemon.
-    pub(crate) fn root(&self) -> PathBuf {
+    fn root(&self) -> PathBuf {
         self.dir.path().join("root")
     }
 
@@ -59,24 +58,30 @@ impl FlaggedRoot {
     }
 }
 
-/// A release containerd on `root`, with [`NO_STARTUP_GC`] and `extra` as every bench daemon.
-pub(crate) fn containerd_on(root: &FlaggedRoot, extra: &str) -> Result<Daemon> {
-    Daemon::launch(
-        Kind::Containerd,
-        Options {
-            profile: Profile::Release,
-            extra_config: format!("{NO_STARTUP_GC}\n{extra}"),
-            root: Some(root.root()),
-            ready_timeout: Duration::from_secs(60),
-            stop_timeout: Duration::from_secs(120),
-            ..Options::default()
-        },
-    )
+/// Runs `measure` on a release containerd on a flagged root with `extra` config (as
+/// [`crate::images::release_daemon`] for every bench daemon) and records its seconds under
+/// both `names`; records nothing where /tmp does not take the flag.
+pub(crate) fn measure_containerd(
+    out: &mut BTreeMap<&'static str, f64>,
+    names: [&'static str; 2],
+    extra: &str,
+    measure: impl FnOnce(&Daemon) -> Result<f64>,
+) -> Result<()> {
+    let Some(root) = FlaggedRoot::new()? else {
+        return Ok(());
+    };
+    let d = crate::images::release_daemon(Kind::Containerd, extra, Some(root.root()))?;
+    let secs = measure(&d)?;
+    retire_with_root(d, root);
+    for name in names {
+        out.insert(name, secs);
+    }
+    Ok(())
 }
 
 /// Stops the daemon, removes its directory and the root, and flushes the file system, as
 /// every other run ends.
-pub(crate) fn retire_with_root(d: Daemon, root: FlaggedRoot) {
+fn retire_with_root(d: Daemon, root: FlaggedRoot) {
     drop(d);
     let path = root.path().to_path_buf();
     if let Err(e) = root.dir.close() {

@@ -20,10 +20,9 @@ use berth_integration::containerd_client::services::v1::snapshots::ListSnapshots
 use berth_integration::containerd_client::services::v1::snapshots::snapshots_client::SnapshotsClient;
 use berth_integration::images::{self, LayerCompression};
 use berth_integration::registry::{Registry, RegistryOptions};
-use berth_integration::{
-    CmdOutput, Daemon, Kind, NO_STARTUP_GC, Options, Profile, api, block_on_global, run_command,
-};
+use berth_integration::{CmdOutput, Daemon, Kind, Profile, api, block_on_global, run_command};
 
+use crate::images::release_daemon;
 use crate::{Better, Ctx, Metric, Workload};
 
 const NS: &str = "bench";
@@ -274,20 +273,6 @@ pub(crate) fn berth_cli() -> Result<PathBuf> {
     berth_integration::berth_binary()
 }
 
-/// A release daemon without the start-up collection, with `extra` config.
-fn daemon(kind: Kind, extra: &str) -> Result<Daemon> {
-    Daemon::launch(
-        kind,
-        Options {
-            profile: Profile::Release,
-            extra_config: format!("{NO_STARTUP_GC}\n{extra}"),
-            ready_timeout: Duration::from_secs(60),
-            stop_timeout: Duration::from_secs(120),
-            ..Options::default()
-        },
-    )
-}
-
 fn transfer_config(buffer: u64) -> String {
     format!(
         "[plugins.\"io.containerd.transfer.v1.local\"]\n{MULTIPART_KEY} = {buffer}\n\
@@ -525,7 +510,7 @@ impl Workload for Pull {
                 String::new()
             };
 
-            let d = daemon(kind, &off)?;
+            let d = release_daemon(kind, &off, None)?;
             let secs = ctr(
                 &d,
                 &["-n", NS, "images", "pull", "--plain-http", &v.reference],
@@ -534,10 +519,18 @@ impl Workload for Pull {
             retire(d);
             out.insert(pull, secs);
             if kind == Kind::Containerd && v.label == "gzip" {
-                flagged_pull(v, &off, &mut out)?;
+                // The same-placement rows, right after the run they repeat.
+                crate::placement::measure_containerd(&mut out, SAME_PLACEMENT, &off, |d| {
+                    let secs = ctr(
+                        d,
+                        &["-n", NS, "images", "pull", "--plain-http", &v.reference],
+                    )?;
+                    check(d, v, true)?;
+                    Ok(secs)
+                })?;
             }
 
-            let d = daemon(kind, &off)?;
+            let d = release_daemon(kind, &off, None)?;
             let fetch_secs = ctr(
                 &d,
                 &["-n", NS, "content", "fetch", "--plain-http", &v.reference],
@@ -564,7 +557,7 @@ impl Workload for Pull {
                 berth_cases.push((mfetch, false, on));
             }
             for (metric, unpack, config) in berth_cases {
-                let d = daemon(kind, &config)?;
+                let d = release_daemon(kind, &config, None)?;
                 let secs = berth_pull(setup, &d, v, unpack)?;
                 check(&d, v, unpack)?;
                 retire(d);
@@ -577,25 +570,6 @@ impl Workload for Pull {
         }
         Ok(out)
     }
-}
-
-/// The same-placement rows (see [`crate::placement`]): `ctr pull` of `v` again, by containerd
-/// on a flagged root with the same `config`; berthd's figures of the run stand for it.
-fn flagged_pull(v: &Variant, config: &str, out: &mut BTreeMap<&'static str, f64>) -> Result<()> {
-    let Some(root) = crate::placement::FlaggedRoot::new()? else {
-        return Ok(());
-    };
-    let d = crate::placement::containerd_on(&root, config)?;
-    let secs = ctr(
-        &d,
-        &["-n", NS, "images", "pull", "--plain-http", &v.reference],
-    )?;
-    check(&d, v, true)?;
-    crate::placement::retire_with_root(d, root);
-    for name in SAME_PLACEMENT {
-        out.insert(name, secs);
-    }
-    Ok(())
 }
 
 #[cfg(test)]
