@@ -785,17 +785,7 @@ mod tests {
                 .expect("b");
             assert!(b.id > a.id);
         }
-        // sled's background flusher can hold the file lock a moment after the store is
-        // dropped in the same process; a restarted daemon is a new process and never waits.
-        let mut reopened = SnapshotStore::open(&dir.path().join("meta"));
-        for _ in 0..40 {
-            if reopened.is_ok() {
-                break;
-            }
-            std::thread::sleep(std::time::Duration::from_millis(50));
-            reopened = SnapshotStore::open(&dir.path().join("meta"));
-        }
-        let s = reopened.expect("reopen");
+        let s = reopen(&dir.path().join("meta"));
         assert_eq!(s.get("a").expect("get").info.kind, SnapshotKind::View);
         let c = s
             .create(SnapshotKind::Active, "c", None, Labels::new(), ok)
@@ -804,17 +794,24 @@ mod tests {
     }
 
     /// Opens the store at `dir`, waiting out the file lock sled's background flusher can
-    /// hold a moment after a store of the same process was dropped.
-    fn reopen(dir: &Path) -> SnapshotStore {
-        let mut reopened = SnapshotStore::open(dir);
+    /// hold a moment after a store of the same process was dropped (a restarted daemon is a
+    /// new process and never waits); any other answer is returned as it is.
+    fn open_when_unlocked(dir: &Path) -> Result<SnapshotStore> {
+        let mut opened = SnapshotStore::open(dir);
         for _ in 0..40 {
-            if reopened.is_ok() {
-                break;
+            match &opened {
+                Err(e) if e.kind() == ErrorKind::Unavailable => {
+                    std::thread::sleep(std::time::Duration::from_millis(50));
+                    opened = SnapshotStore::open(dir);
+                }
+                _ => break,
             }
-            std::thread::sleep(std::time::Duration::from_millis(50));
-            reopened = SnapshotStore::open(dir);
         }
-        reopened.expect("reopen")
+        opened
+    }
+
+    fn reopen(dir: &Path) -> SnapshotStore {
+        open_when_unlocked(dir).expect("reopen")
     }
 
     #[test]
@@ -966,16 +963,7 @@ mod tests {
                 .expect("insert");
             s.flush().expect("flush");
         }
-        // sled's background flusher can hold the file lock a moment after the store above was
-        // dropped (see `reopen`): wait that out, then the schema check must refuse.
-        let mut err = SnapshotStore::open(&dir.path().join("meta")).expect_err("newer");
-        for _ in 0..40 {
-            if err.kind() != ErrorKind::Unavailable {
-                break;
-            }
-            std::thread::sleep(std::time::Duration::from_millis(50));
-            err = SnapshotStore::open(&dir.path().join("meta")).expect_err("newer");
-        }
+        let err = open_when_unlocked(&dir.path().join("meta")).expect_err("newer");
         assert_eq!(err.kind(), ErrorKind::FailedPrecondition, "{err}");
     }
 
