@@ -160,8 +160,10 @@ impl MetaSnapshotter {
         kind: RecordKind,
     ) -> Result<Vec<Mount>> {
         let ns = namespace_of(cx)?;
+        // Held for the whole creation: a failed one undoes its record and leaves the backend
+        // snapshot to the next collection, which must then walk this snapshotter.
+        let _dirty = self.db.snapshotter_touched(&self.name);
         if key.is_empty() {
-            let _dirty = self.db.snapshotter_touched(&self.name);
             return Err(Error::invalid_argument("snapshot key must not be empty"));
         }
         labels::validate_all(&labels)?;
@@ -282,8 +284,10 @@ impl MetaSnapshotter {
         labels: Labels,
     ) -> Result<()> {
         let ns = namespace_of(cx)?;
+        // Held for the whole commit, as for a creation (an undone commit leaves its backend
+        // snapshot to the next collection).
+        let _dirty = self.db.snapshotter_touched(&self.name);
         if name.is_empty() {
-            let _dirty = self.db.snapshotter_touched(&self.name);
             return Err(Error::invalid_argument(
                 "committed snapshot name must not be empty",
             ));

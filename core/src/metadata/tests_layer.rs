@@ -607,14 +607,28 @@ async fn collections_walk_the_content_store_only_when_it_may_hold_garbage() {
     assert_eq!(report.blobs_removed, 0, "nothing marked the content store");
     assert!(raw.info(&c, &second).await.is_ok());
 
-    // A write through the layer may leave a blob behind; the next collection walks.
-    let written = ingest(&f.content, &c, b"unreferenced", Labels::new()).await;
+    // A write through the layer may leave a blob behind; the next collection walks. A lease
+    // keeps the written blob's record, so no record the collection removes forces the walk.
+    let lease = f
+        .metadata
+        .create_lease(&ns("a"), "hold", Labels::new())
+        .await
+        .expect("lease");
+    let held = cx("a", Some(&lease.id));
+    let written = ingest(&f.content, &held, b"leased", Labels::new()).await;
     let report = f.metadata.collect_garbage().await.expect("gc");
-    assert_eq!(
-        report.blobs_removed, 2,
-        "the orphan and the unreferenced blob"
-    );
+    assert_eq!(report.blobs_removed, 1, "the orphan, after a write");
     assert!(raw.info(&c, &second).await.is_err());
+    assert!(raw.info(&c, &written).await.is_ok());
+
+    // A delete through the layer, likewise: the orphan and the deleted blob go.
+    let third = ingest(&raw, &c, b"third orphan", Labels::new()).await;
+    let report = collect_after_lease_churn(&f.metadata).await;
+    assert_eq!(report.blobs_removed, 0, "nothing marked it since");
+    f.content.delete(&held, &written).await.expect("delete");
+    let report = f.metadata.collect_garbage().await.expect("gc");
+    assert_eq!(report.blobs_removed, 2, "the orphan and the deleted blob");
+    assert!(raw.info(&c, &third).await.is_err());
     assert!(raw.info(&c, &written).await.is_err());
 }
 
@@ -736,11 +750,46 @@ mod snapshots {
         );
         assert_eq!(f.backend.keys().len(), 1);
 
-        // A removal through the layer: the next collection walks the snapshotter.
-        f.sn.prepare(&a, "k", None, Labels::new())
+        // A creation through the layer (one that fails undoes its record and leaves the
+        // backend snapshot behind): the next collection walks the snapshotter. A lease keeps
+        // the snapshot itself.
+        let lease = f
+            .metadata
+            .create_lease(&ns("a"), "hold", Labels::new())
+            .await
+            .expect("lease");
+        let held = cx("a", Some(&lease.id));
+        f.sn.prepare(&held, "k", None, Labels::new())
             .await
             .expect("prepare");
-        f.sn.remove(&a, "k").await.expect("remove");
+        let report = f.metadata.collect_garbage().await.expect("gc");
+        assert_eq!(
+            report.snapshots_removed, 1,
+            "the stray goes after a prepare"
+        );
+        assert_eq!(f.backend.keys().len(), 1, "{:?}", f.backend.keys());
+
+        // A commit through the layer, likewise.
+        f.backend
+            .prepare(&a, "stray-3", None, Labels::new())
+            .await
+            .expect("backend prepare");
+        let report = collect_after_lease_churn(&f.metadata).await;
+        assert_eq!(report.snapshots_removed, 0, "nothing marked it since");
+        f.sn.commit(&held, "k-done", "k", Labels::new())
+            .await
+            .expect("commit");
+        let report = f.metadata.collect_garbage().await.expect("gc");
+        assert_eq!(report.snapshots_removed, 1, "the stray goes after a commit");
+
+        // A removal through the layer: the next collection walks the snapshotter.
+        f.backend
+            .prepare(&a, "stray-4", None, Labels::new())
+            .await
+            .expect("backend prepare");
+        let report = collect_after_lease_churn(&f.metadata).await;
+        assert_eq!(report.snapshots_removed, 0, "nothing marked it since");
+        f.sn.remove(&a, "k-done").await.expect("remove");
         let report = f.metadata.collect_garbage().await.expect("gc");
         assert_eq!(
             report.snapshots_removed, 2,
