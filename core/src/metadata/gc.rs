@@ -391,12 +391,6 @@ impl Metadata {
                         continue;
                     }
                     let ns = Namespace::parse(&node.namespace)?;
-                    if node.kind == "leases" {
-                        // An expired lease goes with its resource records.
-                        super::leases::remove_lease(txn, &ns, &node.id)?;
-                        removed.push(node.clone());
-                        continue;
-                    }
                     let kind = match node.kind.as_str() {
                         "content" => ObjectKind::Content,
                         "ingests" => ObjectKind::Ingests,

@@ -154,7 +154,7 @@ fn lease_exists(txn: &WriteTxn<'_>, ns: &Namespace, id: &str) -> Result<bool> {
 }
 
 /// Where the resource records of lease `id` start.
-fn resources_prefix(ns: &Namespace, id: &str) -> Vec<u8> {
+pub(super) fn resources_prefix(ns: &Namespace, id: &str) -> Vec<u8> {
     [b"l\0", ns.as_str().as_bytes(), b"\0", &escape_id(id), b"\0"].concat()
 }
 
@@ -231,14 +231,6 @@ pub(crate) fn detach(
         txn.remove(key);
     }
     Ok(())
-}
-
-/// Removes lease `id` and its resource records inside a write.
-pub(crate) fn remove_lease(txn: &mut WriteTxn<'_>, ns: &Namespace, id: &str) -> Result<()> {
-    for (key, _) in txn.scan_prefix(&resources_prefix(ns, id))? {
-        txn.remove(key);
-    }
-    txn.remove_object(ns, &ObjectKind::Leases, id)
 }
 
 /// Schema 2: moves the resource set out of each lease's record into records of its own.
@@ -339,7 +331,7 @@ impl Metadata {
                     if !lease_exists(txn, ns, id)? {
                         return Err(Error::not_found(format!("lease {id:?}")));
                     }
-                    remove_lease(txn, ns, id)
+                    txn.remove_object(ns, &ObjectKind::Leases, id)
                 },
                 |()| self.mutated(Mutation::Deletion),
             )

@@ -743,8 +743,18 @@ impl WriteTxn<'_> {
     /// Removes an object record.
     pub fn remove_object(&mut self, ns: &Namespace, kind: &ObjectKind, id: &str) -> Result<()> {
         let key = object_key(ns, kind, id)?;
-        if let ObjectKind::Snapshots(snapshotter) = kind {
-            self.unlink_from_parent(ns, snapshotter, id, &key)?;
+        match kind {
+            ObjectKind::Snapshots(snapshotter) => {
+                self.unlink_from_parent(ns, snapshotter, id, &key)?;
+            }
+            // A lease's resource records go with it, whoever removes it (a delete, or the
+            // collector for an expired lease).
+            ObjectKind::Leases => {
+                for (resource, _) in self.scan_prefix(&leases::resources_prefix(ns, id))? {
+                    self.remove(resource);
+                }
+            }
+            _ => {}
         }
         self.remove(key);
         Ok(())
