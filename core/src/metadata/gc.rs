@@ -10,7 +10,7 @@
 //! is consistent and the sweep atomic). Then the backends are swept while commits are held
 //! off: blobs no namespace records are deleted, backend ingests no namespace records aborted.
 
-use std::collections::{BTreeSet, HashSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashSet, VecDeque};
 use std::time::{Duration, Instant, SystemTime};
 
 use serde::Deserialize as _;
@@ -259,29 +259,16 @@ fn collectible(node: &Node) -> bool {
 }
 
 impl Metadata {
-    /// Removes the backend snapshots of `name` that no namespace records, children first.
-    /// The caller lets the backend clean up afterwards.
+    /// Removes the backend snapshots of `name` that no namespace records (`recorded`: the
+    /// backend keys of the records the collection kept), children first. The caller lets the
+    /// backend clean up afterwards.
     async fn sweep_snapshotter(
         &self,
         name: &str,
         backend: &std::sync::Arc<dyn crate::snapshot::Snapshotter>,
+        recorded: Option<&BTreeSet<String>>,
     ) -> Result<usize> {
-        let kind = format!("snapshots/{name}");
-        let mut live = BTreeSet::new();
-        for item in self.store.tree.scan_prefix(b"o\0") {
-            let (key, value) = item?;
-            let Some((_, k, _)) = super::key_parts(&key) else {
-                continue;
-            };
-            if k != kind.as_bytes() {
-                continue;
-            }
-            if let Ok(v) = serde_json::from_slice::<Value>(&value)
-                && let Some(b) = v.get("backend_key").and_then(Value::as_str)
-            {
-                live.insert(b.to_owned());
-            }
-        }
+        let mut live = recorded.cloned().unwrap_or_default();
         // A commit a crash interrupted still needs its active backend snapshot until
         // recovery has finished it.
         live.extend(self.snapshot_intent_keys(name)?);
@@ -369,6 +356,8 @@ impl Metadata {
                 let mut removed = Vec::new();
                 let mut live_blobs = BTreeSet::new();
                 let mut live_ingests = BTreeSet::new();
+                // Snapshotter name -> backend keys of the snapshot records kept.
+                let mut live_snapshots: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
                 for (node, record) in &graph.records {
                     let keep = marked.contains(node) || !collectible(node);
                     if keep {
@@ -386,7 +375,17 @@ impl Metadata {
                                     live_ingests.insert(r.backend_ref);
                                 }
                             }
-                            _ => {}
+                            kind => {
+                                if let Some(snapshotter) = kind.strip_prefix("snapshots/")
+                                    && let Some(b) =
+                                        record.get("backend_key").and_then(Value::as_str)
+                                {
+                                    live_snapshots
+                                        .entry(snapshotter.to_owned())
+                                        .or_default()
+                                        .insert(b.to_owned());
+                                }
+                            }
                         }
                         continue;
                     }
@@ -402,7 +401,7 @@ impl Metadata {
                     txn.remove_object(&ns, &kind, &node.id)?;
                     removed.push(node.clone());
                 }
-                Ok((removed, live_blobs, live_ingests))
+                Ok((removed, live_blobs, live_ingests, live_snapshots))
             })
         });
         let swept = match pass.await {
@@ -410,7 +409,7 @@ impl Metadata {
             Ok(Err(e)) => Err(e),
             Err(e) => Err(crate::Error::internal(format!("collection task: {e}"))),
         };
-        let (removed, live_blobs, live_ingests) = match swept {
+        let (removed, live_blobs, live_ingests, live_snapshots) = match swept {
             Ok(swept) => swept,
             Err(e) => {
                 // Whatever this collection did not get to is walked by the next.
@@ -441,7 +440,10 @@ impl Metadata {
             if !dirty_snapshotters.contains(name) && !removed_kind(&format!("snapshots/{name}")) {
                 continue;
             }
-            let removed = match self.sweep_snapshotter(name, backend).await {
+            let removed = match self
+                .sweep_snapshotter(name, backend, live_snapshots.get(name))
+                .await
+            {
                 Ok(removed) => removed,
                 Err(e) => {
                     self.dirty.set_all();
