@@ -574,6 +574,15 @@ async fn a_lease_holding_thousands_stays_small_and_goes_whole() {
     );
 }
 
+/// A call in namespace `a` under a new lease `hold`, which keeps what it creates.
+async fn held_by_lease(metadata: &Metadata) -> CallContext {
+    let lease = metadata
+        .create_lease(&ns("a"), "hold", Labels::new())
+        .await
+        .expect("lease");
+    cx("a", Some(&lease.id))
+}
+
 /// A lease created and deleted, then a collection: a change that leaves no backend object
 /// without a record.
 async fn collect_after_lease_churn(metadata: &Metadata) -> crate::metadata::gc::GcReport {
@@ -609,12 +618,7 @@ async fn collections_walk_the_content_store_only_when_it_may_hold_garbage() {
 
     // A write through the layer may leave a blob behind; the next collection walks. A lease
     // keeps the written blob's record, so no record the collection removes forces the walk.
-    let lease = f
-        .metadata
-        .create_lease(&ns("a"), "hold", Labels::new())
-        .await
-        .expect("lease");
-    let held = cx("a", Some(&lease.id));
+    let held = held_by_lease(&f.metadata).await;
     let written = ingest(&f.content, &held, b"leased", Labels::new()).await;
     let report = f.metadata.collect_garbage().await.expect("gc");
     assert_eq!(report.blobs_removed, 1, "the orphan, after a write");
@@ -727,6 +731,21 @@ mod snapshots {
         assert_eq!(err.kind(), ErrorKind::FailedPrecondition);
     }
 
+    /// Puts `key` straight into the backend (a crash between backend and record, say), then
+    /// checks that a collection after lease changes alone leaves it there.
+    async fn stray_left_alone(f: &SnapFixture, key: &str) {
+        f.backend
+            .prepare(&cx("a", None), key, None, Labels::new())
+            .await
+            .expect("backend prepare");
+        let report = collect_after_lease_churn(&f.metadata).await;
+        assert_eq!(
+            report.snapshots_removed, 0,
+            "nothing marked the snapshotter since the last walk"
+        );
+        assert!(f.backend.keys().iter().any(|k| k == key));
+    }
+
     #[tokio::test]
     async fn collections_walk_a_snapshotter_only_when_it_may_hold_garbage() {
         let f = snap_fixture();
@@ -739,26 +758,13 @@ mod snapshots {
         let report = f.metadata.collect_garbage().await.expect("gc");
         assert_eq!(report.snapshots_removed, 1, "the first collection walks");
 
-        f.backend
-            .prepare(&a, "stray-2", None, Labels::new())
-            .await
-            .expect("backend prepare");
-        let report = collect_after_lease_churn(&f.metadata).await;
-        assert_eq!(
-            report.snapshots_removed, 0,
-            "nothing marked the snapshotter"
-        );
+        stray_left_alone(&f, "stray-2").await;
         assert_eq!(f.backend.keys().len(), 1);
 
         // A creation through the layer (one that fails undoes its record and leaves the
         // backend snapshot behind): the next collection walks the snapshotter. A lease keeps
         // the snapshot itself.
-        let lease = f
-            .metadata
-            .create_lease(&ns("a"), "hold", Labels::new())
-            .await
-            .expect("lease");
-        let held = cx("a", Some(&lease.id));
+        let held = held_by_lease(&f.metadata).await;
         f.sn.prepare(&held, "k", None, Labels::new())
             .await
             .expect("prepare");
@@ -770,12 +776,7 @@ mod snapshots {
         assert_eq!(f.backend.keys().len(), 1, "{:?}", f.backend.keys());
 
         // A commit through the layer, likewise.
-        f.backend
-            .prepare(&a, "stray-3", None, Labels::new())
-            .await
-            .expect("backend prepare");
-        let report = collect_after_lease_churn(&f.metadata).await;
-        assert_eq!(report.snapshots_removed, 0, "nothing marked it since");
+        stray_left_alone(&f, "stray-3").await;
         f.sn.commit(&held, "k-done", "k", Labels::new())
             .await
             .expect("commit");
@@ -783,12 +784,7 @@ mod snapshots {
         assert_eq!(report.snapshots_removed, 1, "the stray goes after a commit");
 
         // A removal through the layer: the next collection walks the snapshotter.
-        f.backend
-            .prepare(&a, "stray-4", None, Labels::new())
-            .await
-            .expect("backend prepare");
-        let report = collect_after_lease_churn(&f.metadata).await;
-        assert_eq!(report.snapshots_removed, 0, "nothing marked it since");
+        stray_left_alone(&f, "stray-4").await;
         f.sn.remove(&a, "k-done").await.expect("remove");
         let report = f.metadata.collect_garbage().await.expect("gc");
         assert_eq!(
@@ -802,12 +798,7 @@ mod snapshots {
     async fn gc_removes_unreferenced_snapshots_children_first() {
         let f = snap_fixture();
         let a = cx("a", None);
-        let lease = f
-            .metadata
-            .create_lease(&ns("a"), "hold", Labels::new())
-            .await
-            .expect("lease");
-        let held = cx("a", Some(&lease.id));
+        let held = held_by_lease(&f.metadata).await;
         f.sn.prepare(&held, "x1", None, Labels::new())
             .await
             .expect("prepare");
