@@ -65,7 +65,7 @@ fn write_each(tree: &sled::Tree, ops: Vec<Op>) -> Result<()> {
 
 /// `u32` count, then per op: `u32` key length, key, `u8` 1 with `u32` length and value or
 /// `u8` 0 for a removal (lengths big-endian).
-fn encode(ops: &[Op]) -> Vec<u8> {
+pub(super) fn encode(ops: &[Op]) -> Vec<u8> {
     let size = ops
         .iter()
         .map(|(k, v)| 9 + k.len() + v.as_ref().map_or(0, Vec::len))
@@ -92,7 +92,7 @@ fn len32(n: usize) -> u32 {
     u32::try_from(n).expect("metadata record below 4 GiB")
 }
 
-fn decode(mut raw: &[u8]) -> Result<Vec<Op>> {
+pub(super) fn decode(mut raw: &[u8]) -> Result<Vec<Op>> {
     let count = take_u32(&mut raw)?;
     let mut ops = Vec::new();
     for _ in 0..count {

@@ -31,10 +31,11 @@
 //!
 //! Writes run one at a time under a short lock (never held across an await) and are applied
 //! atomically through the tree's write journal ([`journal`]; sled batches write out log
-//! buffers of their own at once, each synced). The caller's reply waits for a flush
-//! that covers its write; concurrent writers share one flush (group commit), so durability
-//! does not cost one fsync per call. With `no_sync` the wait is skipped and sled flushes in
-//! the background.
+//! buffers of their own at once, each synced), then appended to the database's redo log
+//! ([`redo`]). The caller's reply waits for a flush that covers its write, an `fdatasync` of
+//! the redo log; concurrent writers share one flush (group commit), so durability does not
+//! cost one fsync per call. sled writes its own log in the background; opening the database
+//! replays the redo log. With `no_sync` there is no redo log and no wait.
 //!
 //! The database is the core's [`SharedDb`]: compiled-in plugins (the `native` and `overlayfs`
 //! snapshotters) keep their own records in trees of it, and their flushes count for the
@@ -61,6 +62,7 @@ pub mod gc;
 pub mod images;
 pub mod journal;
 pub mod leases;
+pub mod redo;
 pub mod scheduler;
 mod snapshots;
 #[cfg(test)]
@@ -73,6 +75,7 @@ use crate::error::{Error, Result};
 use crate::labels::{self, Labels};
 use crate::namespace::Namespace;
 use crate::registry::{PluginKind, PluginType};
+use redo::RedoLog;
 
 /// The schema version this berth writes.
 pub const SCHEMA_VERSION: u32 = 3;
@@ -364,7 +367,7 @@ impl MetaStore {
         };
         journal::recover(&store.tree)?;
         store.migrate(migrations)?;
-        store.shared.flush.flush_now(&store.shared.db)?;
+        store.shared.flush.flush_now()?;
         Ok(store)
     }
 
@@ -442,15 +445,10 @@ impl MetaStore {
         let deferred =
             std::mem::take(&mut *self.deferred.lock().unwrap_or_else(PoisonError::into_inner));
         for key in deferred {
-            // Deferred removals need not be atomic with this write (a lost one is found stale
-            // later), so they stay out of its journal.
-            if !txn.pending.contains_key(&key) {
-                self.tree.remove(key)?;
-            }
+            txn.pending.entry(key).or_insert(None);
         }
-        // Atomic without a sled batch (see `journal`): everything waits in the log buffer
-        // for the next flush.
-        journal::apply(&self.tree, txn.pending.into_iter().collect())?;
+        self.shared
+            .apply(&self.tree, txn.pending.into_iter().collect())?;
         Ok((out, self.shared.flush.wrote()))
     }
 
@@ -496,7 +494,7 @@ impl MetaStore {
     /// sharing the flush with concurrent writers; at once for `seq` 0 or with `no_sync`.
     pub(crate) async fn durable(&self, seq: u64) -> Result<()> {
         if seq != 0 && !self.no_sync {
-            self.shared.flush.wait(&self.shared.db, seq).await?;
+            self.shared.flush.wait(seq).await?;
         }
         Ok(())
     }
@@ -843,8 +841,8 @@ struct GroupFlush {
 
 struct FlushInner {
     state: Mutex<FlushState>,
-    /// sled's log file, synced after each flush (see [`SledLog`]); None with `no_sync`.
-    log: Option<SledLog>,
+    /// The redo log a flush syncs; None with `no_sync`.
+    redo: Option<Arc<RedoLog>>,
     flushes: std::sync::atomic::AtomicU64,
     flushed: tokio::sync::watch::Sender<u64>,
 }
@@ -860,16 +858,24 @@ impl FlushInner {
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
+    /// Makes every write applied so far durable: a sync of the redo log. Blocking.
+    fn sync(&self) -> Result<()> {
+        match &self.redo {
+            Some(redo) => redo.sync(),
+            None => Ok(()),
+        }
+    }
+
     /// The leader's flush covering writes up to `target`, with its bookkeeping. It runs whole
     /// on the blocking pool even when the writer that started it is cancelled: stopping
     /// between setting `flushing` and clearing it would leave every later writer waiting
     /// for a flush that never ends.
-    fn lead(&self, db: &sled::Db, target: u64) -> Result<()> {
+    fn lead(&self, target: u64) -> Result<()> {
         let mut leading = Leading {
             inner: self,
             covered: None,
         };
-        let result = flush_durably(db, self.log.as_ref());
+        let result = self.sync();
         self.flushes
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         if result.is_ok() {
@@ -901,11 +907,11 @@ impl Drop for Leading<'_> {
 }
 
 impl GroupFlush {
-    fn new(log: Option<SledLog>) -> Self {
+    fn new(redo: Option<Arc<RedoLog>>) -> Self {
         GroupFlush {
             inner: Arc::new(FlushInner {
                 state: Mutex::new(FlushState::default()),
-                log,
+                redo,
                 flushes: std::sync::atomic::AtomicU64::new(0),
                 flushed: tokio::sync::watch::Sender::new(0),
             }),
@@ -926,7 +932,7 @@ impl GroupFlush {
 
     /// Returns once write `seq` is durable: at once when a flush covered it, else after the
     /// flush in progress, or after a flush this writer starts. Cancel-safe.
-    async fn wait(&self, db: &sled::Db, seq: u64) -> Result<()> {
+    async fn wait(&self, seq: u64) -> Result<()> {
         loop {
             let mut changes = self.inner.flushed.subscribe();
             if *changes.borrow() >= seq {
@@ -947,21 +953,21 @@ impl GroupFlush {
                 let _ = changes.changed().await;
                 continue;
             };
-            let (inner, db) = (Arc::clone(&self.inner), db.clone());
-            return tokio::task::spawn_blocking(move || inner.lead(&db, target))
+            let inner = Arc::clone(&self.inner);
+            return tokio::task::spawn_blocking(move || inner.lead(target))
                 .await
                 .map_err(|e| Error::internal(format!("metadata flush task: {e}")))?;
         }
     }
 
-    /// Flushes `db` on the calling thread (blocking) and counts the flush for every write
+    /// Flushes on the calling thread (blocking) and counts the flush for every write
     /// numbered so far, so the waiters of [`GroupFlush::wait`] whose writes it covers return
     /// without a flush of their own.
-    fn flush_now(&self, db: &sled::Db) -> Result<()> {
-        // Read before the flush: every write numbered up to here is in the tree already
-        // (numbers are taken after the batch is applied), so the flush covers it.
+    fn flush_now(&self) -> Result<()> {
+        // Read before the flush: every write numbered up to here is in the redo log already
+        // (numbers are taken after the record is appended), so the flush covers it.
         let target = self.lock().written;
-        flush_durably(db, self.inner.log.as_ref())?;
+        self.inner.sync()?;
         self.inner
             .flushes
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -974,10 +980,10 @@ impl GroupFlush {
 ///
 /// sled 0.34 ends a flush with `sync_file_range`, which writes the log's pages and waits for
 /// them but commits no file metadata (the log grows as it fills segments) and asks the disk
-/// for no cache flush: a flushed change survives the daemon's death, not a power loss. A
-/// reply promises both (SPEC: durability unless `no_sync`), so every flush ends with an
-/// `fdatasync` of the same file, which is what bbolt does after each commit in containerd.
-/// The data pages are written by then, so it costs the journal commit and the cache flush.
+/// for no cache flush: a flushed change survives the daemon's death, not a power loss.
+/// Durability needs both (SPEC: durability unless `no_sync`), so a durable sled flush (a
+/// checkpoint of the core's database, or each flush of a snapshotter's own database) ends
+/// with an `fdatasync` of the same file.
 #[derive(Debug)]
 pub struct SledLog {
     file: std::fs::File,
@@ -1051,13 +1057,17 @@ pub fn flush_durably(db: &sled::Db, log: Option<&SledLog>) -> Result<()> {
     Ok(())
 }
 
-/// The core's sled database with its group commit: the metadata store's tree and the trees
-/// compiled-in plugins keep their own records in (see [`SharedMetadata`]). sled flushes a
-/// whole database at once, so a plugin's flush makes the metadata records written before it
-/// durable too, and the metadata layer's writers then wait for no flush of their own.
+/// The core's sled database with its redo log and group commit: the metadata store's tree
+/// and the trees compiled-in plugins keep their own records in (see [`SharedMetadata`]).
+/// Every write goes through [`SharedDb::apply`] (or [`SharedTree::apply`]), and one sync of
+/// the redo log makes all writes so far durable, so a plugin's flush makes the metadata
+/// records written before it durable too, and the metadata layer's writers then wait for no
+/// flush of their own.
 pub struct SharedDb {
     db: sled::Db,
     flush: GroupFlush,
+    /// sled's log, synced by checkpoints; None with `no_sync`.
+    sled_log: Option<SledLog>,
     no_sync: bool,
     path: PathBuf,
     co_flushed: Mutex<BTreeSet<String>>,
@@ -1073,28 +1083,82 @@ impl std::fmt::Debug for SharedDb {
 }
 
 impl SharedDb {
-    /// Opens (creating) the database at `dir`; with `no_sync`, sled flushes in the background
-    /// and [`SharedTree::flush`] does nothing. Blocking.
+    /// Opens (creating) the database at `dir`, finishing the writes a crash cut off (see
+    /// [`redo`]); with `no_sync`, there is no redo log, [`SharedTree::flush`] does nothing and
+    /// only sled's background flushes write. Blocking.
     pub fn open(dir: &Path, no_sync: bool) -> Result<Arc<SharedDb>> {
+        // sled flushes in the background either way: with a redo log, so that a checkpoint
+        // has little left to write.
         let db = open_sled(
-            sled::Config::new()
-                .path(dir)
-                .flush_every_ms(if no_sync { Some(1000) } else { None }),
+            sled::Config::new().path(dir).flush_every_ms(Some(1000)),
             dir,
             "metadata store",
         )?;
-        let log = if no_sync {
+        let sled_log = SledLog::open(dir)?;
+        let redo_path = dir.join(redo::FILE_NAME);
+        let redo = if no_sync && !redo_path.exists() {
             None
         } else {
-            Some(SledLog::open(dir)?)
+            let (redo, records) = RedoLog::open(&redo_path)?;
+            Self::recover(&db, &records)?;
+            flush_durably(&db, Some(&sled_log))?;
+            redo.restart()?;
+            if no_sync {
+                // Left by a start without `no_sync`; replayed and durable now.
+                drop(redo);
+                std::fs::remove_file(&redo_path).map_err(|e| {
+                    Error::internal(format!(
+                        "cannot remove the metadata redo log {}: {e}",
+                        redo_path.display()
+                    ))
+                })?;
+                None
+            } else {
+                Some(Arc::new(redo))
+            }
         };
         Ok(Arc::new(SharedDb {
             db,
-            flush: GroupFlush::new(log),
+            flush: GroupFlush::new(redo),
+            sled_log: (!no_sync).then_some(sled_log),
             no_sync,
             path: dir.to_owned(),
             co_flushed: Mutex::new(BTreeSet::new()),
         }))
+    }
+
+    /// Finishes what a crash cut off: first the tree journals sled recovered (writes torn
+    /// between their keys, which the redo log may not hold), then the redo log's records,
+    /// oldest first. Blocking.
+    fn recover(db: &sled::Db, records: &[Vec<u8>]) -> Result<()> {
+        for name in db.tree_names() {
+            journal::recover(&db.open_tree(name)?)?;
+        }
+        for record in records {
+            let (tree, ops) = redo::decode(record)?;
+            journal::apply(&db.open_tree(tree)?, ops)?;
+        }
+        if !records.is_empty() {
+            tracing::debug!(
+                records = records.len(),
+                "metadata writes replayed from the redo log"
+            );
+        }
+        Ok(())
+    }
+
+    /// Applies `ops` to `tree` (a tree of this database) atomically and appends them to the
+    /// redo log; they are durable after the next flush. Call it under the tree's writer lock,
+    /// so that the log orders each key's writes as the tree does. Blocking.
+    fn apply(&self, tree: &sled::Tree, ops: Vec<journal::Op>) -> Result<()> {
+        let Some(redo) = &self.flush.inner.redo else {
+            return journal::apply(tree, ops);
+        };
+        let record = redo::encode(&tree.name(), &ops);
+        // Applied before it is logged: a checkpoint that restarts the log in between flushes
+        // the tree with the write in it.
+        journal::apply(tree, ops)?;
+        redo.append(&record, || flush_durably(&self.db, self.sled_log.as_ref()))
     }
 
     /// The tree `name` for a plugin's own records. Names are the plugin's business; the
@@ -1151,9 +1215,17 @@ impl std::fmt::Debug for SharedTree {
 }
 
 impl SharedTree {
-    /// The sled tree.
+    /// The sled tree, for reads: writes go through [`SharedTree::apply`], or the redo log
+    /// misses them.
     pub fn tree(&self) -> &sled::Tree {
         &self.tree
+    }
+
+    /// Writes `ops` (a key's new value, or None to remove it) atomically; they are durable
+    /// after the next [`SharedTree::flush`]. Call it under the plugin's own writer lock.
+    /// Blocking.
+    pub fn apply(&self, ops: Vec<journal::Op>) -> Result<()> {
+        self.shared.apply(&self.tree, ops)
     }
 
     /// Makes everything applied to the database so far durable, the metadata store's
@@ -1163,7 +1235,7 @@ impl SharedTree {
         if self.shared.no_sync {
             return Ok(());
         }
-        self.shared.flush.flush_now(&self.shared.db)
+        self.shared.flush.flush_now()
     }
 
     /// Where the database lives.
@@ -1614,18 +1686,17 @@ mod tests {
         );
     }
 
-    /// A reply means durable against a power loss too: sled's own flush is only a
-    /// `sync_file_range`, so each write waits for the log's `fdatasync` as well; `no_sync`
-    /// skips both.
+    /// A reply means durable against a power loss too: each write waits for an `fdatasync`
+    /// of the redo log; `no_sync` has none.
     #[tokio::test]
-    async fn a_write_returns_after_the_log_is_synced_unless_no_sync() {
+    async fn a_write_returns_after_the_redo_log_is_synced_unless_no_sync() {
         let dir = tempfile::tempdir().expect("tempdir");
         let store = open(dir.path());
         let log = store
             .shared
             .flush
             .inner
-            .log
+            .redo
             .as_ref()
             .expect("a log to sync");
         let before = log.syncs();
@@ -1641,7 +1712,58 @@ mod tests {
             ..MetadataConfig::default()
         };
         let store = MetaStore::open(unsynced.path(), &config).expect("open no_sync");
-        assert!(store.shared.flush.inner.log.is_none());
+        assert!(store.shared.flush.inner.redo.is_none());
+        assert!(!unsynced.path().join(redo::FILE_NAME).exists());
+    }
+
+    /// What the redo log holds is in the trees after the next open, whatever sled itself
+    /// kept (here: nothing of those writes, as after a kill before sled's own flush), and a
+    /// start with `no_sync` replays it too before removing the log.
+    #[test]
+    fn the_redo_log_is_replayed_at_open() {
+        for no_sync in [false, true] {
+            let dir = tempfile::tempdir().expect("tempdir");
+            let path = dir.path().join("meta");
+            drop(open(&path));
+            let key = namespace_key(&ns("replayed"));
+            let plugin_key = b"plugin-key".to_vec();
+            {
+                let (log, _) = RedoLog::open(&path.join(redo::FILE_NAME)).expect("log");
+                let write = |tree: &[u8], ops: Vec<journal::Op>| {
+                    log.append(&redo::encode(tree, &ops), || {
+                        panic!("no checkpoint expected")
+                    })
+                    .expect("append")
+                };
+                write(
+                    TREE.as_bytes(),
+                    vec![(key.clone(), Some(b"{\"labels\":{\"a\":\"1\"}}".to_vec()))],
+                );
+                write(b"plugin", vec![(plugin_key.clone(), Some(b"v1".to_vec()))]);
+                // A later write of the same key wins.
+                write(
+                    TREE.as_bytes(),
+                    vec![(key.clone(), Some(b"{\"labels\":{\"a\":\"2\"}}".to_vec()))],
+                );
+                log.sync().expect("sync");
+            }
+            let config = MetadataConfig {
+                no_sync,
+                ..MetadataConfig::default()
+            };
+            let shared = SharedDb::open(&path, no_sync).expect("reopen");
+            let store = MetaStore::open_shared(Arc::clone(&shared), &config).expect("open store");
+            let labels = store
+                .namespace_labels(&ns("replayed"))
+                .expect("replayed namespace");
+            assert_eq!(labels.get("a").map(String::as_str), Some("2"), "{no_sync}");
+            let plugin = shared.tree("plugin").expect("tree");
+            assert_eq!(
+                plugin.tree().get(&plugin_key).expect("get").as_deref(),
+                Some(&b"v1"[..])
+            );
+            assert_eq!(path.join(redo::FILE_NAME).exists(), !no_sync);
+        }
     }
 
     /// A writer cancelled while its flush runs (a dropped gRPC call, the unpack of a pull
@@ -1698,8 +1820,7 @@ mod tests {
             })
             .expect("write");
         plugin
-            .tree()
-            .insert(b"k", b"v".as_slice())
+            .apply(vec![(b"k".to_vec(), Some(b"v".to_vec()))])
             .expect("plugin write");
         let before = shared
             .flush

@@ -317,7 +317,7 @@ impl SnapshotStore {
             for (key, kind) in records {
                 if kind == StoredKind::Active {
                     tracing::info!(id, key = %String::from_utf8_lossy(&key[SNAPSHOT_PREFIX.len()..]), "dropping the active record of a snapshot commit a crash cut off after its committed record");
-                    self.tree.remove(key).map_err(sled_error)?;
+                    self.apply(vec![(key, None)])?;
                     repaired += 1;
                 }
             }
@@ -334,15 +334,14 @@ impl SnapshotStore {
     fn migrate_from(&self, dir: &Path) -> Result<()> {
         if self.tree.get(SCHEMA_KEY).map_err(sled_error)?.is_none() {
             let old = SnapshotStore::open(dir)?;
-            let mut batch = sled::Batch::default();
-            let mut records = 0usize;
+            let mut ops = Vec::new();
             for entry in old.tree.iter() {
                 let (k, v) = entry.map_err(sled_error)?;
-                batch.insert(k, v);
-                records += 1;
+                ops.push((k.to_vec(), Some(v.to_vec())));
             }
             drop(old);
-            self.tree.apply_batch(batch).map_err(sled_error)?;
+            let records = ops.len();
+            self.apply(ops)?;
             self.flush()?;
             tracing::info!(from = %dir.display(), into = %self.path.display(), records, "snapshotter metadata moved into the core's metadata database");
         } else {
@@ -366,10 +365,10 @@ impl SnapshotStore {
         let dir = &self.path;
         match store.tree.get(SCHEMA_KEY).map_err(sled_error)? {
             None => {
-                store
-                    .tree
-                    .insert(SCHEMA_KEY, &SCHEMA_VERSION.to_be_bytes())
-                    .map_err(sled_error)?;
+                store.apply(vec![(
+                    SCHEMA_KEY.to_vec(),
+                    Some(SCHEMA_VERSION.to_be_bytes().to_vec()),
+                )])?;
                 store.flush()?;
             }
             Some(bytes) => {
@@ -581,10 +580,14 @@ impl SnapshotStore {
             .reserved
     }
 
-    /// Applies `ops` atomically without a sled batch (see `berth_core::metadata::journal`):
-    /// everything waits in the log buffer for the next flush.
+    /// Applies `ops` atomically without a sled batch (see `berth_core::metadata::journal`);
+    /// in the core's database, through its redo log. Durable after the next flush. Every
+    /// write of the store goes through here.
     fn apply(&self, ops: Vec<(Vec<u8>, Option<Vec<u8>>)>) -> Result<()> {
-        journal::apply(&self.tree, ops)
+        match &self.backing {
+            Backing::Own(..) => journal::apply(&self.tree, ops),
+            Backing::Shared(shared) => shared.apply(ops),
+        }
     }
 
     fn last_id(&self) -> Result<u64> {
@@ -690,9 +693,7 @@ impl SnapshotStore {
             let mut record = self.record(key)?.ok_or_else(|| not_found(key))?;
             apply_label_paths(&mut record.labels, &info.labels, fieldpaths, key)?;
             record.updated_at = SystemTime::now();
-            self.tree
-                .insert(snapshot_key(key), encode(&record)?)
-                .map_err(sled_error)?;
+            self.apply(vec![(snapshot_key(key), Some(encode(&record)?))])?;
             Self::stored(key, &record)
         };
         self.flush()?;
