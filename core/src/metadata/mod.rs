@@ -32,10 +32,12 @@
 //! Writes run one at a time under a short lock (never held across an await) and are applied
 //! atomically through the tree's write journal ([`journal`]; sled batches write out log
 //! buffers of their own at once, each synced), then appended to the database's redo log
-//! ([`redo`]). The caller's reply waits for a flush that covers its write, an `fdatasync` of
-//! the redo log; concurrent writers share one flush (group commit), so durability does not
-//! cost one fsync per call. sled writes its own log in the background; opening the database
-//! replays the redo log. With `no_sync` there is no redo log and no wait.
+//! ([`redo`]): an in-memory sled write and a write to the page cache, and once the log is
+//! full a checkpoint (a durable sled flush) first. The caller's reply waits for a flush that
+//! covers its write, an `fdatasync` of the redo log; concurrent writers share one flush
+//! (group commit), so durability does not cost one fsync per call. sled writes its own log in
+//! the background; opening the database replays the redo log. With `no_sync` there is no redo
+//! log and no wait.
 //!
 //! The database is the core's [`SharedDb`]: compiled-in plugins (the `native` and `overlayfs`
 //! snapshotters) keep their own records in trees of it, and their flushes count for the
@@ -365,7 +367,7 @@ impl MetaStore {
             no_sync: config.no_sync,
             deferred: Mutex::new(Vec::new()),
         };
-        journal::recover(&store.tree)?;
+        // The tree's journal was finished by `SharedDb::open`, before the redo log's replay.
         store.migrate(migrations)?;
         store.shared.flush.flush_now()?;
         Ok(store)
@@ -858,7 +860,7 @@ impl FlushInner {
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Makes every write applied so far durable: a sync of the redo log. Blocking.
+    /// Makes every write logged so far durable: a sync of the redo log. Blocking.
     fn sync(&self) -> Result<()> {
         match &self.redo {
             Some(redo) => redo.sync(),
@@ -1066,8 +1068,6 @@ pub fn flush_durably(db: &sled::Db, log: Option<&SledLog>) -> Result<()> {
 pub struct SharedDb {
     db: sled::Db,
     flush: GroupFlush,
-    /// sled's log, synced by checkpoints; None with `no_sync`.
-    sled_log: Option<SledLog>,
     no_sync: bool,
     path: PathBuf,
     co_flushed: Mutex<BTreeSet<String>>,
@@ -1094,15 +1094,11 @@ impl SharedDb {
             dir,
             "metadata store",
         )?;
-        let sled_log = SledLog::open(dir)?;
         let redo_path = dir.join(redo::FILE_NAME);
         let redo = if no_sync && !redo_path.exists() {
             None
         } else {
-            let (redo, records) = RedoLog::open(&redo_path)?;
-            Self::recover(&db, &records)?;
-            flush_durably(&db, Some(&sled_log))?;
-            redo.restart()?;
+            let redo = Self::recover(&db, dir, &redo_path)?;
             if no_sync {
                 // Left by a start without `no_sync`; replayed and durable now.
                 drop(redo);
@@ -1120,45 +1116,53 @@ impl SharedDb {
         Ok(Arc::new(SharedDb {
             db,
             flush: GroupFlush::new(redo),
-            sled_log: (!no_sync).then_some(sled_log),
             no_sync,
             path: dir.to_owned(),
             co_flushed: Mutex::new(BTreeSet::new()),
         }))
     }
 
-    /// Finishes what a crash cut off: first the tree journals sled recovered (writes torn
-    /// between their keys, which the redo log may not hold), then the redo log's records,
-    /// oldest first. Blocking.
-    fn recover(db: &sled::Db, records: &[Vec<u8>]) -> Result<()> {
+    /// Opens the redo log and finishes what a crash cut off: first the tree journals sled
+    /// recovered (writes torn between their keys), then each record newer than its tree's
+    /// marker, oldest first; then checkpoints. Blocking.
+    fn recover(db: &sled::Db, dir: &Path, redo_path: &Path) -> Result<RedoLog> {
+        let mut markers = BTreeMap::new();
         for name in db.tree_names() {
-            journal::recover(&db.open_tree(name)?)?;
+            let tree = db.open_tree(&name)?;
+            journal::recover(&tree)?;
+            markers.insert(name.to_vec(), redo::read_marker(&tree)?);
         }
-        for record in records {
-            let (tree, ops) = redo::decode(record)?;
-            journal::apply(&db.open_tree(tree)?, ops)?;
+        let newest = markers.values().map(|m| m.0).max().unwrap_or(0);
+        let sled_log = SledLog::open(dir)?;
+        let checkpoint_db = db.clone();
+        let (redo, records) = RedoLog::open(
+            redo_path,
+            newest + 1,
+            Box::new(move || flush_durably(&checkpoint_db, Some(&sled_log))),
+        )?;
+        let mut replayed = 0usize;
+        for record in &records {
+            let (tree, ops) = redo::decode(&record.payload)?;
+            if record.newer_than(markers.get(&tree).copied().unwrap_or((0, 0))) {
+                journal::apply(&db.open_tree(tree)?, ops)?;
+                replayed += 1;
+            }
         }
-        if !records.is_empty() {
-            tracing::debug!(
-                records = records.len(),
-                "metadata writes replayed from the redo log"
-            );
+        if replayed > 0 {
+            tracing::debug!(replayed, "metadata writes replayed from the redo log");
         }
-        Ok(())
+        redo.checkpoint()?;
+        Ok(redo)
     }
 
-    /// Applies `ops` to `tree` (a tree of this database) atomically and appends them to the
-    /// redo log; they are durable after the next flush. Call it under the tree's writer lock,
-    /// so that the log orders each key's writes as the tree does. Blocking.
+    /// Applies `ops` to `tree` (a tree of this database) atomically and logs them; they are
+    /// durable after the next flush. Call it under the tree's writer lock. Blocking: besides
+    /// the in-memory write, an append to the redo log, and when it is full a checkpoint.
     fn apply(&self, tree: &sled::Tree, ops: Vec<journal::Op>) -> Result<()> {
-        let Some(redo) = &self.flush.inner.redo else {
-            return journal::apply(tree, ops);
-        };
-        let record = redo::encode(&tree.name(), &ops);
-        // Applied before it is logged: a checkpoint that restarts the log in between flushes
-        // the tree with the write in it.
-        journal::apply(tree, ops)?;
-        redo.append(&record, || flush_durably(&self.db, self.sled_log.as_ref()))
+        match &self.flush.inner.redo {
+            Some(redo) => redo.write(tree, ops),
+            None => journal::apply(tree, ops),
+        }
     }
 
     /// The tree `name` for a plugin's own records. Names are the plugin's business; the
@@ -1374,12 +1378,17 @@ mod tests {
     /// still holds sled's file lock (its log threads let go shortly after; a restarted daemon
     /// is a new process and never waits).
     fn open_migrated(path: &Path, migrations: &[Migration]) -> MetaStore {
-        let mut opened = MetaStore::open_with(path, &MetadataConfig::default(), migrations);
+        when_unlocked(|| MetaStore::open_with(path, &MetadataConfig::default(), migrations))
+    }
+
+    /// `open()`'s result once sled's file lock is free (see [`open_migrated`]).
+    fn when_unlocked<T>(open: impl Fn() -> Result<T>) -> T {
+        let mut opened = open();
         for _ in 0..40 {
             match &opened {
                 Err(e) if e.kind() == ErrorKind::Unavailable => {
                     std::thread::sleep(std::time::Duration::from_millis(50));
-                    opened = MetaStore::open_with(path, &MetadataConfig::default(), migrations);
+                    opened = open();
                 }
                 _ => break,
             }
@@ -1724,34 +1733,47 @@ mod tests {
         for no_sync in [false, true] {
             let dir = tempfile::tempdir().expect("tempdir");
             let path = dir.path().join("meta");
-            drop(open(&path));
+            drop(open_migrated(&path, MIGRATIONS));
             let key = namespace_key(&ns("replayed"));
             let plugin_key = b"plugin-key".to_vec();
             {
-                let (log, _) = RedoLog::open(&path.join(redo::FILE_NAME)).expect("log");
-                let write = |tree: &[u8], ops: Vec<journal::Op>| {
-                    log.append(&redo::encode(tree, &ops), || {
-                        panic!("no checkpoint expected")
-                    })
-                    .expect("append")
-                };
-                write(
-                    TREE.as_bytes(),
-                    vec![(key.clone(), Some(b"{\"labels\":{\"a\":\"1\"}}".to_vec()))],
-                );
-                write(b"plugin", vec![(plugin_key.clone(), Some(b"v1".to_vec()))]);
+                // The records are written through trees of another database, so the one
+                // under test has none of them.
+                let elsewhere = sled::Config::new()
+                    .path(dir.path().join("elsewhere"))
+                    .open()
+                    .expect("scratch db");
+                let flushed = elsewhere.clone();
+                let (log, _) = RedoLog::open(
+                    &path.join(redo::FILE_NAME),
+                    1,
+                    Box::new(move || {
+                        flushed.flush()?;
+                        Ok(())
+                    }),
+                )
+                .expect("log");
+                log.checkpoint().expect("checkpoint");
+                let store_tree = elsewhere.open_tree(TREE).expect("tree");
+                let plugin_tree = elsewhere.open_tree("plugin").expect("tree");
+                let labels = |v: &str| format!("{{\"labels\":{{\"a\":\"{v}\"}}}}").into_bytes();
+                log.write(&store_tree, vec![(key.clone(), Some(labels("1")))])
+                    .expect("write");
+                log.write(
+                    &plugin_tree,
+                    vec![(plugin_key.clone(), Some(b"v1".to_vec()))],
+                )
+                .expect("write");
                 // A later write of the same key wins.
-                write(
-                    TREE.as_bytes(),
-                    vec![(key.clone(), Some(b"{\"labels\":{\"a\":\"2\"}}".to_vec()))],
-                );
+                log.write(&store_tree, vec![(key.clone(), Some(labels("2")))])
+                    .expect("write");
                 log.sync().expect("sync");
             }
             let config = MetadataConfig {
                 no_sync,
                 ..MetadataConfig::default()
             };
-            let shared = SharedDb::open(&path, no_sync).expect("reopen");
+            let shared = when_unlocked(|| SharedDb::open(&path, no_sync));
             let store = MetaStore::open_shared(Arc::clone(&shared), &config).expect("open store");
             let labels = store
                 .namespace_labels(&ns("replayed"))
@@ -1764,6 +1786,45 @@ mod tests {
             );
             assert_eq!(path.join(redo::FILE_NAME).exists(), !no_sync);
         }
+    }
+
+    /// sled can keep a write whose record the log lost (a power loss after sled's background
+    /// flush, before the log's sync). The records before it must not roll its keys back, or a
+    /// write of several keys would come back torn: each tree's marker says how far sled got.
+    #[test]
+    fn replay_skips_what_the_tree_already_has() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("meta");
+        let key = |n: &str| namespace_key(&ns(n));
+        {
+            let shared = SharedDb::open(&path, false).expect("open");
+            let tree = shared.db.open_tree(TREE).expect("tree");
+            shared
+                .apply(&tree, vec![(key("a"), Some(b"{}".to_vec()))])
+                .expect("write");
+            shared
+                .apply(
+                    &tree,
+                    vec![(key("a"), None), (key("b"), Some(b"{}".to_vec()))],
+                )
+                .expect("write");
+            shared.db.flush().expect("sled keeps both writes");
+        }
+        // The second record never reached the disk: its last byte is missing.
+        let log_path = path.join(redo::FILE_NAME);
+        let mut bytes = std::fs::read(&log_path).expect("read");
+        let last = bytes.iter().rposition(|&b| b != 0).expect("records");
+        bytes[last] = 0;
+        std::fs::write(&log_path, &bytes).expect("damage");
+
+        let store = open(dir.path());
+        let names: Vec<String> = store
+            .list_namespaces()
+            .expect("list")
+            .into_iter()
+            .map(|(n, _)| n.as_str().to_owned())
+            .collect();
+        assert_eq!(names, ["b"], "the first record brought \"a\" back");
     }
 
     /// A writer cancelled while its flush runs (a dropped gRPC call, the unpack of a pull

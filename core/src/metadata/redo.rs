@@ -3,24 +3,28 @@
 //! sled 0.34 makes its log durable only through `Db::flush`, which hands the buffered log to
 //! one of its io threads (waking the idle ones in turn), waits there for a `sync_file_range`,
 //! and leaves the file's growth and the disk's cache to the `fdatasync` berth adds after it
-//! ([`super::SledLog`]): two trips to the disk and a thread hop each way, about 0.26 ms per
-//! flush on the bench machine, three times per snapshot cycle. Every write to the shared
-//! database now also appends a record of its keys to this file, and a reply waits for one
-//! `fdatasync` of it, on the writer's own thread. The file has a fixed size and was written
-//! in full when it was made, so that `fdatasync` writes data pages and no inode: the trip
-//! bbolt makes per commit, and nothing more.
+//! ([`super::SledLog`]): two trips to the disk and a thread hop each way, three times per
+//! snapshot cycle. Every write to the shared database now also appends a record of its keys
+//! to this file, and a reply waits for one `fdatasync` of it, on the writer's own thread. The
+//! file has a fixed size and was written in full when it was made, so that `fdatasync`
+//! writes data pages and no inode: the trip bbolt makes per commit, and nothing more.
 //!
 //! sled still holds the records (reads never look here) and writes its own log in the
 //! background. A **checkpoint**, a durable sled flush, makes everything the log holds
 //! redundant; the log then starts a new generation from its beginning. It runs when the log
-//! is full, under the append lock, so no record can be appended between the flush and the
-//! restart. Opening the database replays the records of the current generation, oldest
-//! first, through [`super::journal`] (each record atomic), then checkpoints.
+//! is full, and when a write or sync of the log failed (what the file holds is then unknown,
+//! and a later `fdatasync` may succeed without the lost pages).
 //!
-//! Replaying is safe over any state sled recovered: writes are applied before they are
-//! appended, each key's writes are serialised by its tree's writer lock, and the log holds
-//! every write since the last checkpoint, so the last record naming a key carries its last
-//! acknowledged value, and a key no record names was durable at the checkpoint.
+//! # Replay
+//!
+//! Each write is applied and appended under the log's lock, and carries a **marker** into its
+//! tree, atomically with its keys ([`super::journal`]): `w\0redo`, the generation and
+//! sequence number of its record. sled recovers a prefix of its log, so after a crash a tree
+//! holds its writes up to its marker's record and none after it, even a write sled kept
+//! whose record did not survive (a power loss between sled's background flush and the log's
+//! sync). Opening the database finishes torn tree journals, then replays each record newer
+//! than its tree's marker, oldest first, then checkpoints: acknowledged writes come back
+//! whole, and no write is rolled back or torn by an older record.
 //!
 //! # Format
 //!
@@ -30,12 +34,12 @@
 //!       u64 generation, u64 sequence (1, 2, ... within the generation), payload
 //! ```
 //!
-//! A payload is the tree's name (u16 length, bytes) and the write's keys in the journal's
-//! encoding. Reading stops at the first record that does not check out: a torn tail (a
-//! write that was never acknowledged, as its sync never returned), or an older generation's
-//! record where the current one ends. A header that does not check out means the file was
-//! never finished (or tore while a checkpoint rewrote it, after which nothing is pending):
-//! it is written in full again.
+//! A payload is the tree's name (u16 length, bytes) and the write's keys, its marker
+//! included, in the journal's encoding. Reading stops at the first record that does not
+//! check out: a torn tail (a write that was never acknowledged, as its sync never returned),
+//! or an older generation's record where the current one ends. A header that does not check
+//! out means the file was never finished (or tore while a checkpoint rewrote it, after which
+//! nothing is pending): it is written in full again, with a generation above every marker.
 
 use std::fs::File;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
@@ -49,6 +53,10 @@ use crate::metadata::journal::{self, Op};
 /// The log's name in the database's directory (sled leaves other names alone).
 pub const FILE_NAME: &str = "berth.redo";
 
+/// The key of a tree's marker: the (generation, sequence) of its last logged write. No other
+/// record of berth's trees starts with `w\0` (see [`journal::JOURNAL_KEY`]).
+pub const MARKER_KEY: &[u8] = b"w\0redo";
+
 /// The log's size: about 4,000 snapshot calls between checkpoints.
 const SIZE: u64 = 2 << 20;
 /// Where records start: the header has a page of its own, so rewriting it never touches one.
@@ -57,14 +65,43 @@ const MAGIC: &[u8; 8] = b"berthRL1";
 /// Length, checksum, generation, sequence.
 const RECORD_HEAD: usize = 24;
 
+/// What makes sled durable: the checkpoint's flush.
+pub type Checkpoint = Box<dyn Fn() -> Result<()> + Send + Sync>;
+
+/// A record read back by [`RedoLog::open`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Record {
+    /// Its generation.
+    pub generation: u64,
+    /// Its sequence number within the generation.
+    pub seq: u64,
+    /// What [`encode`] made.
+    pub payload: Vec<u8>,
+}
+
+impl Record {
+    /// Whether a tree whose marker is `marker` lacks this record's write.
+    pub fn newer_than(&self, marker: (u64, u64)) -> bool {
+        (self.generation, self.seq) > marker
+    }
+}
+
 /// The redo log of one database (see the module's documentation).
-#[derive(Debug)]
 pub struct RedoLog {
     file: File,
     path: PathBuf,
     state: Mutex<State>,
+    checkpoint: Checkpoint,
     syncs: AtomicU64,
     checkpoints: AtomicU64,
+}
+
+impl std::fmt::Debug for RedoLog {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedoLog")
+            .field("path", &self.path)
+            .finish_non_exhaustive()
+    }
 }
 
 #[derive(Debug)]
@@ -72,14 +109,23 @@ struct State {
     generation: u64,
     next_seq: u64,
     offset: u64,
+    /// A checkpoint must come before the next append or sync: set at open (appending after
+    /// the records read could make a later, never-acknowledged one of the same generation
+    /// readable again) and after a failed write or sync.
+    stale: bool,
 }
 
 impl RedoLog {
-    /// Opens the log at `path`, making it when it is missing or unfinished, and returns it
-    /// with the payloads of its current generation, oldest first; appends continue that
-    /// generation until [`RedoLog::restart`] (once the caller made those payloads durable).
+    /// Opens the log at `path`, making it when it is missing or unfinished (with a generation
+    /// of at least `min_generation`), and returns it with the records of its current
+    /// generation, oldest first. `checkpoint` makes sled durable. The log checkpoints before
+    /// it takes a write: call [`RedoLog::checkpoint`] once the records are replayed.
     /// Blocking.
-    pub fn open(path: &Path) -> Result<(RedoLog, Vec<Vec<u8>>)> {
+    pub fn open(
+        path: &Path,
+        min_generation: u64,
+        checkpoint: Checkpoint,
+    ) -> Result<(RedoLog, Vec<Record>)> {
         let file = std::fs::OpenOptions::new()
             .read(true)
             .write(true)
@@ -95,7 +141,9 @@ impl RedoLog {
                 generation: 0,
                 next_seq: 1,
                 offset: HEADER,
+                stale: true,
             }),
+            checkpoint,
             syncs: AtomicU64::new(0),
             checkpoints: AtomicU64::new(0),
         };
@@ -112,26 +160,22 @@ impl RedoLog {
                 .map_err(|e| io_error("read", path, &e))?;
         }
         let Some(generation) = read_header(&content) else {
-            log.make()?;
+            log.make(min_generation.max(1))?;
             return Ok((log, Vec::new()));
         };
-        let (payloads, offset) = read_records(&content, generation);
-        *log.state_mut() = State {
-            generation,
-            next_seq: payloads.len() as u64 + 1,
-            offset,
-        };
-        Ok((log, payloads))
+        let records = read_records(&content, generation);
+        log.state_mut().generation = generation;
+        Ok((log, records))
     }
 
-    /// Writes the whole file (zeros and a header of generation 1) and syncs it and its
+    /// Writes the whole file (zeros and a header of `generation`) and syncs it and its
     /// directory, so later syncs change no file metadata.
-    fn make(&mut self) -> Result<()> {
+    fn make(&mut self, generation: u64) -> Result<()> {
         let zeros = vec![0u8; SIZE as usize];
         self.file
             .set_len(0)
             .and_then(|()| self.file.write_all_at(&zeros, 0))
-            .and_then(|()| self.file.write_all_at(&header(1), 0))
+            .and_then(|()| self.file.write_all_at(&header(generation), 0))
             .and_then(|()| self.file.sync_all())
             .map_err(|e| io_error("write", &self.path, &e))?;
         if let Some(dir) = self.path.parent() {
@@ -139,11 +183,7 @@ impl RedoLog {
                 .and_then(|d| d.sync_all())
                 .map_err(|e| io_error("sync the directory of", &self.path, &e))?;
         }
-        *self.state_mut() = State {
-            generation: 1,
-            next_seq: 1,
-            offset: HEADER,
-        };
+        self.state_mut().generation = generation;
         Ok(())
     }
 
@@ -155,57 +195,80 @@ impl RedoLog {
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Starts a new generation: the records so far are never replayed again. Call it only
-    /// when all of them are durable in sled. Blocking.
-    pub fn restart(&self) -> Result<()> {
+    /// Makes sled durable and starts a new generation: the records so far are never
+    /// replayed again. Blocking.
+    pub fn checkpoint(&self) -> Result<()> {
         let mut state = self.lock();
-        self.restart_locked(&mut state)
+        self.checkpoint_locked(&mut state)
     }
 
-    fn restart_locked(&self, state: &mut State) -> Result<()> {
-        let generation = state.generation + 1;
+    fn checkpoint_locked(&self, state: &mut State) -> Result<()> {
+        state.stale = true;
+        (self.checkpoint)()?;
+        self.checkpoints.fetch_add(1, Ordering::Relaxed);
+        // Taken before the write: a retry after a failed one goes higher still.
+        state.generation += 1;
         self.file
-            .write_all_at(&header(generation), 0)
+            .write_all_at(&header(state.generation), 0)
             .and_then(|()| self.file.sync_data())
             .map_err(|e| io_error("write the header of", &self.path, &e))?;
-        *state = State {
-            generation,
-            next_seq: 1,
-            offset: HEADER,
-        };
+        state.next_seq = 1;
+        state.offset = HEADER;
+        state.stale = false;
         Ok(())
     }
 
-    /// Appends `payload` (already applied to sled). When the log is full, `checkpoint` makes
-    /// sled durable first and the log restarts; a payload larger than the whole log is made
-    /// durable by that checkpoint alone. The record reaches the disk with the next
-    /// [`RedoLog::sync`]. Blocking.
-    pub fn append(&self, payload: &[u8], checkpoint: impl FnOnce() -> Result<()>) -> Result<()> {
+    /// Applies `ops` to `tree` atomically with the tree's marker and appends them; they are
+    /// durable after the next [`RedoLog::sync`]. A full log checkpoints first; a write larger
+    /// than the whole log is made durable by a checkpoint of its own. Blocking.
+    pub fn write(&self, tree: &sled::Tree, mut ops: Vec<Op>) -> Result<()> {
         let mut state = self.lock();
-        let len = (RECORD_HEAD + payload.len()) as u64;
+        if state.stale {
+            self.checkpoint_locked(&mut state)?;
+        }
+        let name = tree.name();
+        ops.push((MARKER_KEY.to_vec(), None));
+        let mut payload = marked(&name, &mut ops, state.generation, state.next_seq);
+        let mut len = (RECORD_HEAD + payload.len()) as u64;
         if state.offset + len > SIZE {
-            checkpoint()?;
-            self.checkpoints.fetch_add(1, Ordering::Relaxed);
-            self.restart_locked(&mut state)?;
+            self.checkpoint_locked(&mut state)?;
+            payload = marked(&name, &mut ops, state.generation, state.next_seq);
+            len = (RECORD_HEAD + payload.len()) as u64;
             if HEADER + len > SIZE {
-                return Ok(());
+                // Before every record of this generation, after every earlier one.
+                marked(&name, &mut ops, state.generation, 0);
+                journal::apply(tree, ops)?;
+                return self.checkpoint_locked(&mut state);
             }
         }
-        let record = record(state.generation, state.next_seq, payload);
-        self.file
-            .write_all_at(&record, state.offset)
-            .map_err(|e| io_error("append to", &self.path, &e))?;
+        if let Err(e) = journal::apply(tree, ops) {
+            state.stale = true;
+            return Err(e);
+        }
+        let record = record(state.generation, state.next_seq, &payload);
+        if let Err(e) = self.file.write_all_at(&record, state.offset) {
+            // Applied but not logged: only a checkpoint makes it durable now.
+            state.stale = true;
+            return Err(io_error("append to", &self.path, &e));
+        }
         state.offset += len;
         state.next_seq += 1;
         Ok(())
     }
 
-    /// `fdatasync`: every record appended before the call is durable when it returns.
-    /// Blocking.
+    /// `fdatasync`: every write appended before the call is durable when it returns (after a
+    /// failure, a checkpoint stands in for it). Blocking.
     pub fn sync(&self) -> Result<()> {
-        self.file
-            .sync_data()
-            .map_err(|e| io_error("sync", &self.path, &e))?;
+        {
+            let mut state = self.lock();
+            if state.stale {
+                return self.checkpoint_locked(&mut state);
+            }
+        }
+        if let Err(e) = self.file.sync_data() {
+            self.lock().stale = true;
+            return Err(io_error("sync", &self.path, &e));
+        }
         self.syncs.fetch_add(1, Ordering::Relaxed);
         Ok(())
     }
@@ -215,9 +278,40 @@ impl RedoLog {
         self.syncs.load(Ordering::Relaxed)
     }
 
-    /// How many checkpoints a full log caused.
+    /// How many checkpoints succeeded.
     pub fn checkpoints(&self) -> u64 {
         self.checkpoints.load(Ordering::Relaxed)
+    }
+}
+
+/// Sets the marker (the last of `ops`) to (`generation`, `seq`) and returns the payload.
+fn marked(tree: &[u8], ops: &mut [Op], generation: u64, seq: u64) -> Vec<u8> {
+    if let Some(last) = ops.last_mut() {
+        last.1 = Some(marker(generation, seq));
+    }
+    encode(tree, ops)
+}
+
+fn marker(generation: u64, seq: u64) -> Vec<u8> {
+    [generation.to_be_bytes(), seq.to_be_bytes()].concat()
+}
+
+/// The (generation, sequence) a tree's marker holds; (0, 0) for none, so every record is
+/// newer.
+pub fn read_marker(tree: &sled::Tree) -> Result<(u64, u64)> {
+    let Some(raw) = tree.get(MARKER_KEY)? else {
+        return Ok((0, 0));
+    };
+    match <[u8; 16]>::try_from(raw.as_ref()) {
+        Ok(b) => Ok((
+            u64::from_be_bytes(b[..8].try_into().expect("8 bytes")),
+            u64::from_be_bytes(b[8..].try_into().expect("8 bytes")),
+        )),
+        Err(_) => Err(Error::internal(format!(
+            "the redo marker of metadata tree {:?} is corrupt: restore the metadata database \
+             from a backup",
+            String::from_utf8_lossy(&tree.name())
+        ))),
     }
 }
 
@@ -277,9 +371,8 @@ fn record(generation: u64, seq: u64, payload: &[u8]) -> Vec<u8> {
     out
 }
 
-/// The payloads of `generation`'s records in `content`, up to the first that does not check
-/// out, and where that one starts.
-fn read_records(content: &[u8], generation: u64) -> (Vec<Vec<u8>>, u64) {
+/// `generation`'s records in `content`, up to the first that does not check out.
+fn read_records(content: &[u8], generation: u64) -> Vec<Record> {
     let mut out = Vec::new();
     let mut at = HEADER as usize;
     let mut seq = 1u64;
@@ -295,11 +388,15 @@ fn read_records(content: &[u8], generation: u64) -> (Vec<Vec<u8>>, u64) {
         if record_generation != generation || record_seq != seq || crc32fast::hash(checked) != crc {
             break;
         }
-        out.push(content[at + RECORD_HEAD..end].to_vec());
+        out.push(Record {
+            generation,
+            seq,
+            payload: content[at + RECORD_HEAD..end].to_vec(),
+        });
         at = end;
         seq += 1;
     }
-    (out, at as u64)
+    out
 }
 
 fn io_error(what: &str, path: &Path, e: &std::io::Error) -> Error {
@@ -311,151 +408,223 @@ fn io_error(what: &str, path: &Path, e: &std::io::Error) -> Error {
 
 #[cfg(test)]
 mod tests {
+    use std::sync::Arc;
+    use std::sync::atomic::AtomicBool;
+
     use super::*;
 
-    fn payload(n: usize) -> Vec<u8> {
-        encode(
-            b"tree",
-            &[(format!("k{n}").into_bytes(), Some(vec![n as u8; n]))],
-        )
+    struct Fixture {
+        dir: tempfile::TempDir,
+        db: sled::Db,
+        tree: sled::Tree,
+        checkpoints_fail: Arc<AtomicBool>,
     }
 
-    fn no_checkpoint() -> Result<()> {
-        panic!("no checkpoint expected")
+    fn fixture() -> Fixture {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let db = sled::Config::new()
+            .path(dir.path().join("db"))
+            .open()
+            .expect("open");
+        let tree = db.open_tree("t").expect("tree");
+        Fixture {
+            dir,
+            db,
+            tree,
+            checkpoints_fail: Arc::new(AtomicBool::new(false)),
+        }
+    }
+
+    impl Fixture {
+        fn path(&self) -> PathBuf {
+            self.dir.path().join(FILE_NAME)
+        }
+
+        fn open(&self, min_generation: u64) -> (RedoLog, Vec<Record>) {
+            let (db, fail) = (self.db.clone(), Arc::clone(&self.checkpoints_fail));
+            RedoLog::open(
+                &self.path(),
+                min_generation,
+                Box::new(move || {
+                    if fail.load(Ordering::Relaxed) {
+                        return Err(Error::internal("disk gone"));
+                    }
+                    db.flush()?;
+                    Ok(())
+                }),
+            )
+            .expect("open")
+        }
+
+        /// A log ready for writes.
+        fn ready(&self) -> RedoLog {
+            let (log, _) = self.open(1);
+            log.checkpoint().expect("checkpoint");
+            log
+        }
+    }
+
+    fn put(n: usize) -> Vec<Op> {
+        vec![(format!("k{n}").into_bytes(), Some(vec![n as u8; n]))]
+    }
+
+    fn keys(records: &[Record]) -> Vec<Vec<u8>> {
+        records
+            .iter()
+            .map(|r| decode(&r.payload).expect("decode").1[0].0.clone())
+            .collect()
     }
 
     #[test]
-    fn a_new_log_is_written_in_full_and_replays_nothing() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let path = dir.path().join(FILE_NAME);
-        let (_log, records) = RedoLog::open(&path).expect("open");
+    fn a_new_log_is_written_in_full_above_the_given_generation() {
+        let f = fixture();
+        let (log, records) = f.open(7);
         assert!(records.is_empty());
-        assert_eq!(std::fs::metadata(&path).expect("stat").len(), SIZE);
+        assert_eq!(std::fs::metadata(f.path()).expect("stat").len(), SIZE);
+        log.checkpoint().expect("checkpoint");
+        log.write(&f.tree, put(1)).expect("write");
+        assert_eq!(read_marker(&f.tree).expect("marker"), (8, 1));
     }
 
     #[test]
-    fn appended_records_come_back_in_order_until_a_restart() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let path = dir.path().join(FILE_NAME);
+    fn writes_come_back_in_order_with_their_markers_until_a_checkpoint() {
+        let f = fixture();
         {
-            let (log, _) = RedoLog::open(&path).expect("open");
+            let log = f.ready();
             for n in 0..5 {
-                log.append(&payload(n), no_checkpoint).expect("append");
+                log.write(&f.tree, put(n)).expect("write");
             }
             log.sync().expect("sync");
+            assert_eq!(
+                f.tree.get(b"k3").expect("get").as_deref(),
+                Some(&[3u8; 3][..])
+            );
         }
-        let (log, records) = RedoLog::open(&path).expect("reopen");
-        assert_eq!(records, (0..5).map(payload).collect::<Vec<_>>());
-        let (tree, ops) = decode(&records[3]).expect("decode");
-        assert_eq!(tree, b"tree");
-        assert_eq!(ops, [(b"k3".to_vec(), Some(vec![3; 3]))]);
+        let (log, records) = f.open(1);
+        assert_eq!(
+            keys(&records),
+            (0..5)
+                .map(|n| format!("k{n}").into_bytes())
+                .collect::<Vec<_>>()
+        );
+        let generation = records[0].generation;
+        assert_eq!(read_marker(&f.tree).expect("marker"), (generation, 5));
+        assert!(!records[4].newer_than((generation, 5)));
+        assert!(records[4].newer_than((generation, 4)));
+        assert!(records[0].newer_than((generation - 1, 9)));
+        let (tree, ops) = decode(&records[3].payload).expect("decode");
+        assert_eq!(tree, b"t");
+        assert_eq!(
+            ops,
+            [
+                (b"k3".to_vec(), Some(vec![3; 3])),
+                (MARKER_KEY.to_vec(), Some(marker(generation, 4)))
+            ]
+        );
 
-        // After a restart the old records are gone, even where new ones do not reach.
-        log.restart().expect("restart");
-        log.append(&payload(9), no_checkpoint).expect("append");
+        // After a checkpoint the old records are gone, even where new ones do not reach.
+        log.checkpoint().expect("checkpoint");
+        log.write(&f.tree, put(9)).expect("write");
         drop(log);
-        let (_log, records) = RedoLog::open(&path).expect("reopen");
-        assert_eq!(records, [payload(9)]);
+        let (_log, records) = f.open(1);
+        assert_eq!(keys(&records), [b"k9".to_vec()]);
+        assert_eq!(records[0].generation, generation + 1);
     }
 
     #[test]
     fn reading_stops_at_a_torn_record() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let path = dir.path().join(FILE_NAME);
-        let (log, _) = RedoLog::open(&path).expect("open");
+        let f = fixture();
+        let log = f.ready();
         for n in 0..3 {
-            log.append(&payload(n), no_checkpoint).expect("append");
+            log.write(&f.tree, put(n)).expect("write");
         }
         drop(log);
+        let (_, records) = f.open(1);
+        let second = HEADER as usize + RECORD_HEAD + records[0].payload.len();
         // One byte of the second record's payload never reached the disk.
-        let second = HEADER as usize + RECORD_HEAD + payload(0).len();
         let file = std::fs::OpenOptions::new()
             .write(true)
-            .open(&path)
+            .open(f.path())
             .expect("open");
         file.write_all_at(&[0xff], (second + RECORD_HEAD + 3) as u64)
             .expect("damage");
-        let (_log, records) = RedoLog::open(&path).expect("reopen");
-        assert_eq!(records, [payload(0)], "the third must not follow a gap");
+        let (_log, records) = f.open(1);
+        assert_eq!(
+            keys(&records),
+            [b"k0".to_vec()],
+            "the third must not follow a gap"
+        );
     }
 
     #[test]
-    fn a_damaged_header_remakes_the_log() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let path = dir.path().join(FILE_NAME);
-        let (log, _) = RedoLog::open(&path).expect("open");
-        log.append(&payload(1), no_checkpoint).expect("append");
+    fn a_damaged_header_remakes_the_log_above_the_markers() {
+        let f = fixture();
+        let log = f.ready();
+        log.write(&f.tree, put(1)).expect("write");
         drop(log);
         let file = std::fs::OpenOptions::new()
             .write(true)
-            .open(&path)
+            .open(f.path())
             .expect("open");
         file.write_all_at(b"X", 0).expect("damage");
-        let (log, records) = RedoLog::open(&path).expect("reopen");
+        let (log, records) = f.open(5);
         assert!(records.is_empty());
         // The old generation's record is zeroed, not left to be read after a new header.
-        log.restart().expect("restart");
+        log.checkpoint().expect("checkpoint");
         drop(log);
-        let (_log, records) = RedoLog::open(&path).expect("reopen");
+        let (_log, records) = f.open(1);
         assert!(records.is_empty());
     }
 
     #[test]
-    fn a_full_log_checkpoints_then_restarts() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let path = dir.path().join(FILE_NAME);
-        let (log, _) = RedoLog::open(&path).expect("open");
-        let big = vec![7u8; 100_000];
-        let mut checkpoints = 0;
-        let mut after_checkpoint = 0;
-        for _ in 0..30 {
-            let mut checkpointed = false;
-            log.append(&big, || {
-                checkpointed = true;
-                Ok(())
-            })
-            .expect("append");
-            if checkpointed {
-                checkpoints += 1;
-                after_checkpoint = 0;
-            }
-            after_checkpoint += 1;
+    fn a_full_log_checkpoints_and_a_failed_checkpoint_is_retried() {
+        let f = fixture();
+        let log = f.ready();
+        let big = |n: usize| vec![(format!("big{n}").into_bytes(), Some(vec![7u8; 100_000]))];
+        let before = log.checkpoints();
+        for n in 0..25 {
+            log.write(&f.tree, big(n)).expect("write");
         }
-        assert_eq!(checkpoints, 1, "2 MiB hold 20 records of 100 kB");
-        assert_eq!(log.checkpoints(), 1);
+        assert_eq!(
+            log.checkpoints() - before,
+            1,
+            "2 MiB hold 20 records of 100 kB"
+        );
+        // A checkpoint that fails fails the write, which changes nothing, and the next write
+        // checkpoints again.
+        f.checkpoints_fail.store(true, Ordering::Relaxed);
+        let failed = (25..60).find(|&n| log.write(&f.tree, big(n)).is_err());
+        let failed = failed.expect("a full log needs a checkpoint");
+        assert_eq!(f.tree.get(format!("big{failed}")).expect("get"), None);
+        assert!(log.write(&f.tree, big(99)).is_err(), "still stale");
+        f.checkpoints_fail.store(false, Ordering::Relaxed);
+        log.write(&f.tree, big(100))
+            .expect("write after the disk came back");
+        log.sync().expect("sync");
         drop(log);
-        let (_log, records) = RedoLog::open(&path).expect("reopen");
-        assert_eq!(records.len(), after_checkpoint);
-
-        // Appends continue a reopened generation; a failed checkpoint fails the append and
-        // keeps the records.
-        let (log, _) = RedoLog::open(&path).expect("reopen");
-        let failed =
-            (0..30).find_map(|_| log.append(&big, || Err(Error::internal("disk gone"))).err());
-        assert!(failed.is_some());
-        drop(log);
-        let (_log, records) = RedoLog::open(&path).expect("reopen");
-        assert_eq!(records.len(), 20, "a full generation");
+        let (_log, records) = f.open(1);
+        assert_eq!(keys(&records), [b"big100".to_vec()]);
     }
 
     #[test]
-    fn a_payload_larger_than_the_log_is_left_to_the_checkpoint() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let path = dir.path().join(FILE_NAME);
-        let (log, _) = RedoLog::open(&path).expect("open");
-        log.append(&payload(1), no_checkpoint).expect("append");
-        let mut checkpointed = false;
-        log.append(&vec![0u8; SIZE as usize], || {
-            checkpointed = true;
-            Ok(())
-        })
-        .expect("append");
-        assert!(checkpointed);
+    fn a_write_larger_than_the_log_is_left_to_a_checkpoint() {
+        let f = fixture();
+        let log = f.ready();
+        log.write(&f.tree, put(1)).expect("write");
+        let before = log.checkpoints();
+        log.write(
+            &f.tree,
+            vec![(b"huge".to_vec(), Some(vec![0u8; SIZE as usize]))],
+        )
+        .expect("write");
+        assert_eq!(log.checkpoints() - before, 2);
+        assert!(f.tree.get(b"huge").expect("get").is_some());
+        let (generation, seq) = read_marker(&f.tree).expect("marker");
+        assert_eq!(seq, 0);
+        log.write(&f.tree, put(2)).expect("write");
         drop(log);
-        let (_log, records) = RedoLog::open(&path).expect("reopen");
-        assert!(
-            records.is_empty(),
-            "the checkpoint covered the earlier record"
-        );
+        let (_log, records) = f.open(1);
+        assert_eq!(keys(&records), [b"k2".to_vec()]);
+        assert!(records[0].newer_than((generation, seq)));
     }
 }

@@ -358,6 +358,8 @@ impl SnapshotStore {
     /// Finishes a write a crash cut off (see `berth_core::metadata::journal`), then writes the
     /// schema version into a new store; refuses one written by a newer berth.
     fn check_schema(&self) -> Result<()> {
+        // In the core's database `SharedDb::open` finished it already (before replaying its
+        // redo log), so this finds nothing there.
         if journal::recover(&self.tree)? {
             self.flush()?;
         }
