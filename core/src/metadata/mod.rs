@@ -796,15 +796,46 @@ impl WriteTxn<'_> {
     }
 }
 
-/// Runs a call that changes records and then acts on them (a backend's snapshot, an event) in
-/// a task of its own, so a caller that goes away (a cancelled gRPC call, the unpack of a pull
-/// whose download failed) cannot stop it halfway: the call finishes or is undone whole.
+/// Runs a call that changes records and then acts on them (a backend's snapshot, an event)
+/// so that a caller that goes away (a cancelled gRPC call, the unpack of a pull whose download
+/// failed) cannot stop it halfway: the call finishes or is undone whole. It runs in the
+/// caller's task, and only a caller dropped before the end hands the rest to a task of its
+/// own: a task per call cost each call a hand-off between threads.
 pub async fn run_whole<T: Send + 'static>(
     call: impl std::future::Future<Output = Result<T>> + Send + 'static,
 ) -> Result<T> {
-    tokio::spawn(call)
-        .await
-        .map_err(|e| Error::internal(format!("call task: {e}")))?
+    let mut whole = Whole(Some(Box::pin(call)));
+    std::future::poll_fn(|cx| {
+        let Some(call) = whole.0.as_mut() else {
+            return std::task::Poll::Ready(Err(Error::internal("call polled after its end")));
+        };
+        let out = std::task::ready!(call.as_mut().poll(cx));
+        whole.0 = None;
+        std::task::Poll::Ready(out)
+    })
+    .await
+}
+
+/// A call of [`run_whole`] until it ends.
+struct Whole<T: Send + 'static>(
+    Option<std::pin::Pin<Box<dyn std::future::Future<Output = Result<T>> + Send>>>,
+);
+
+impl<T: Send + 'static> Drop for Whole<T> {
+    fn drop(&mut self) {
+        let Some(call) = self.0.take() else {
+            return;
+        };
+        match tokio::runtime::Handle::try_current() {
+            Ok(runtime) => drop(runtime.spawn(async move {
+                if let Err(e) = call.await {
+                    tracing::debug!(error = %e, "a call whose caller went away failed");
+                }
+            })),
+            // Only a runtime that is shutting down drops its tasks without one.
+            Err(_) => tracing::warn!("a call whose caller went away could not be finished"),
+        }
+    }
 }
 
 /// A write's result with what is to follow it ([`MetaStore::write_then`]), run when this is
@@ -1632,6 +1663,31 @@ mod tests {
         // Every edge the write left is a live one.
         let edges: Vec<_> = txn.scan_prefix(b"c\0").expect("scan");
         assert_eq!(edges.len(), 1, "{edges:?}");
+    }
+
+    /// A call runs in its caller's task, and what is left of it when the caller goes away
+    /// still runs, to its end.
+    #[tokio::test]
+    async fn run_whole_finishes_a_call_whose_caller_went_away() {
+        assert_eq!(run_whole(async { Ok(7) }).await.expect("run"), 7);
+
+        let (go, wait) = tokio::sync::oneshot::channel::<()>();
+        let (done, finished) = tokio::sync::oneshot::channel::<&str>();
+        let mut caller = Box::pin(run_whole(async move {
+            let _ = wait.await;
+            let _ = done.send("finished");
+            Ok(())
+        }));
+        let polled =
+            std::future::poll_fn(|cx| std::task::Poll::Ready(caller.as_mut().poll(cx))).await;
+        assert!(polled.is_pending(), "the call waits for `go`");
+        drop(caller);
+        go.send(()).expect("the call is still there");
+        let end = tokio::time::timeout(std::time::Duration::from_secs(10), finished)
+            .await
+            .expect("the rest of the call ran")
+            .expect("the call sent its end");
+        assert_eq!(end, "finished");
     }
 
     /// Writers waiting for durability at the same time share one flush. The 64 writes are
