@@ -1090,6 +1090,40 @@ pub fn flush_durably(db: &sled::Db, log: Option<&SledLog>) -> Result<()> {
     Ok(())
 }
 
+/// Opens the redo log of the sled database `db` at `dir` (see [`redo`]) and finishes what a
+/// crash cut off: first the tree journals sled recovered (writes torn between their keys),
+/// then each record newer than its tree's marker, oldest first; then checkpoints. Every
+/// write to `db` must then go through [`RedoLog::write`]. Blocking.
+pub fn open_redo_log(db: &sled::Db, dir: &Path) -> Result<RedoLog> {
+    let mut markers = BTreeMap::new();
+    for name in db.tree_names() {
+        let tree = db.open_tree(&name)?;
+        journal::recover(&tree)?;
+        markers.insert(name.to_vec(), redo::read_marker(&tree)?);
+    }
+    let newest = markers.values().map(|m| m.0).max().unwrap_or(0);
+    let sled_log = SledLog::open(dir)?;
+    let checkpoint_db = db.clone();
+    let (redo, records) = RedoLog::open(
+        &dir.join(redo::FILE_NAME),
+        newest + 1,
+        Box::new(move || flush_durably(&checkpoint_db, Some(&sled_log))),
+    )?;
+    let mut replayed = 0usize;
+    for record in &records {
+        let (tree, ops) = redo::decode(&record.payload)?;
+        if record.newer_than(markers.get(&tree).copied().unwrap_or((0, 0))) {
+            journal::apply(&db.open_tree(tree)?, ops)?;
+            replayed += 1;
+        }
+    }
+    if replayed > 0 {
+        tracing::debug!(path = %dir.display(), replayed, "writes replayed from the redo log");
+    }
+    redo.checkpoint()?;
+    Ok(redo)
+}
+
 /// The core's sled database with its redo log and group commit: the metadata store's tree
 /// and the trees compiled-in plugins keep their own records in (see [`SharedMetadata`]).
 /// Every write goes through [`SharedDb::apply`] (or [`SharedTree::apply`]), and one sync of
@@ -1129,7 +1163,7 @@ impl SharedDb {
         let redo = if no_sync && !redo_path.exists() {
             None
         } else {
-            let redo = Self::recover(&db, dir, &redo_path)?;
+            let redo = open_redo_log(&db, dir)?;
             if no_sync {
                 // Left by a start without `no_sync`; replayed and durable now.
                 drop(redo);
@@ -1151,39 +1185,6 @@ impl SharedDb {
             path: dir.to_owned(),
             co_flushed: Mutex::new(BTreeSet::new()),
         }))
-    }
-
-    /// Opens the redo log and finishes what a crash cut off: first the tree journals sled
-    /// recovered (writes torn between their keys), then each record newer than its tree's
-    /// marker, oldest first; then checkpoints. Blocking.
-    fn recover(db: &sled::Db, dir: &Path, redo_path: &Path) -> Result<RedoLog> {
-        let mut markers = BTreeMap::new();
-        for name in db.tree_names() {
-            let tree = db.open_tree(&name)?;
-            journal::recover(&tree)?;
-            markers.insert(name.to_vec(), redo::read_marker(&tree)?);
-        }
-        let newest = markers.values().map(|m| m.0).max().unwrap_or(0);
-        let sled_log = SledLog::open(dir)?;
-        let checkpoint_db = db.clone();
-        let (redo, records) = RedoLog::open(
-            redo_path,
-            newest + 1,
-            Box::new(move || flush_durably(&checkpoint_db, Some(&sled_log))),
-        )?;
-        let mut replayed = 0usize;
-        for record in &records {
-            let (tree, ops) = redo::decode(&record.payload)?;
-            if record.newer_than(markers.get(&tree).copied().unwrap_or((0, 0))) {
-                journal::apply(&db.open_tree(tree)?, ops)?;
-                replayed += 1;
-            }
-        }
-        if replayed > 0 {
-            tracing::debug!(replayed, "metadata writes replayed from the redo log");
-        }
-        redo.checkpoint()?;
-        Ok(redo)
     }
 
     /// Applies `ops` to `tree` (a tree of this database) atomically and logs them; they are

@@ -5,12 +5,13 @@
 //! # Where
 //!
 //! - Served outside berthd (a proxy, [`SnapshotStore::open`]): the tree `snapshots.v1` of the
-//!   store's own database, `<root>/metadata.sled`.
+//!   store's own database, `<root>/metadata.sled`, with a redo log of its own
+//!   (`berth_core::metadata::redo`), as the core's database has.
 //! - Compiled into berthd ([`SnapshotStore::open_shared`]): a tree of the core's metadata
-//!   database, the one the metadata layer keeps its namespaced records in. sled flushes a
-//!   database as a whole, so the flush that makes this store's write durable also covers the
-//!   metadata layer's record written just before it: one flush per Prepare, View or Commit
-//!   instead of one per database. A `<root>/metadata.sled` found at open (an older berth's)
+//!   database, the one the metadata layer keeps its namespaced records in. One sync of the
+//!   database's redo log makes every write logged before it durable, so the flush that makes
+//!   this store's write durable also covers the metadata layer's record written just before
+//!   it: one flush per Prepare, View or Commit instead of one per database. A `<root>/metadata.sled` found at open (an older berth's)
 //!   is copied into the tree, flushed, and removed, once.
 //!
 //! # Layout
@@ -34,12 +35,12 @@
 //!
 //! # Writes
 //!
-//! Writers take one lock, read what they need, and apply their keys atomically (one sled
-//! batch, so the children index never disagrees with the records; a single key without a
-//! batch, which costs sled less IO); file-system steps that must agree with the records
-//! (renaming a new snapshot's directory into place, listing orphan directories) run under
-//! the same lock. A call returns after sled has flushed the database to disk (but for a
-//! removal in the shared database, see [`SnapshotStore::remove`]). Ids are
+//! Writers take one lock, read what they need, and apply their keys atomically (through the
+//! tree's journal, so the children index never disagrees with the records) and log them in
+//! the redo log; file-system steps that must agree with the records (renaming a new
+//! snapshot's directory into place, listing orphan directories) run under the same lock. A
+//! call returns after the redo log was synced (but for a removal in the shared database, see
+//! [`SnapshotStore::remove`]). Ids are
 //! reserved in blocks, so the id counter is written once per block, not with every record.
 //!
 //! # Schema versions
@@ -55,7 +56,8 @@ use std::time::SystemTime;
 use berth_core::error::{Error, ErrorKind, Result};
 use berth_core::filters::Filter;
 use berth_core::labels::{self, Labels};
-use berth_core::metadata::{SharedTree, SledLog, flush_durably, journal, open_sled};
+use berth_core::metadata::redo::RedoLog;
+use berth_core::metadata::{SharedTree, open_redo_log, open_sled};
 use berth_core::snapshot::{SnapshotInfo, SnapshotKind, Usage};
 use serde::{Deserialize, Serialize};
 
@@ -167,8 +169,8 @@ impl std::fmt::Debug for SnapshotStore {
 /// Whose database the tree is in, which decides how a write is flushed.
 enum Backing {
     /// `<root>/metadata.sled`, the store's own (a snapshotter served outside berthd), with
-    /// its log synced after each flush as the core's is.
-    Own(sled::Db, SledLog),
+    /// a redo log of its own, as the core's database has.
+    Own(RedoLog),
     /// A tree of the core's metadata database (a compiled-in snapshotter in berthd).
     Shared(SharedTree),
 }
@@ -256,10 +258,10 @@ impl SnapshotStore {
     /// Opens (creating) the store in the directory `dir`. Blocking.
     pub fn open(dir: &Path) -> Result<SnapshotStore> {
         let db = open_sled(sled::Config::new().path(dir), dir, "snapshotter metadata")?;
-        let log = SledLog::open(dir)?;
+        let redo = open_redo_log(&db, dir)?;
         let tree = db.open_tree(TREE).map_err(sled_error)?;
         let store = SnapshotStore {
-            backing: Backing::Own(db, log),
+            backing: Backing::Own(redo),
             tree,
             writer: Mutex::new(()),
             ids: Mutex::new(IdState::default()),
@@ -355,14 +357,10 @@ impl SnapshotStore {
         })
     }
 
-    /// Finishes a write a crash cut off (see `berth_core::metadata::journal`), then writes the
-    /// schema version into a new store; refuses one written by a newer berth.
+    /// Writes the schema version into a new store; refuses one written by a newer berth.
+    /// (Writes a crash cut off were finished when the database was opened, by
+    /// `open_redo_log`, before it replayed its redo log.)
     fn check_schema(&self) -> Result<()> {
-        // In the core's database `SharedDb::open` finished it already (before replaying its
-        // redo log), so this finds nothing there.
-        if journal::recover(&self.tree)? {
-            self.flush()?;
-        }
         let store = self;
         let dir = &self.path;
         match store.tree.get(SCHEMA_KEY).map_err(sled_error)? {
@@ -398,7 +396,7 @@ impl SnapshotStore {
 
     fn flush(&self) -> Result<()> {
         match &self.backing {
-            Backing::Own(db, log) => flush_durably(db, Some(log)),
+            Backing::Own(redo) => redo.sync(),
             Backing::Shared(shared) => shared.flush(),
         }
     }
@@ -582,12 +580,12 @@ impl SnapshotStore {
             .reserved
     }
 
-    /// Applies `ops` atomically without a sled batch (see `berth_core::metadata::journal`);
-    /// in the core's database, through its redo log. Durable after the next flush. Every
-    /// write of the store goes through here.
+    /// Applies `ops` atomically without a sled batch (see `berth_core::metadata::journal`)
+    /// and logs them in the database's redo log. Durable after the next flush. Every write of
+    /// the store goes through here.
     fn apply(&self, ops: Vec<(Vec<u8>, Option<Vec<u8>>)>) -> Result<()> {
         match &self.backing {
-            Backing::Own(..) => journal::apply(&self.tree, ops),
+            Backing::Own(redo) => redo.write(&self.tree, ops),
             Backing::Shared(shared) => shared.apply(ops),
         }
     }
@@ -961,9 +959,11 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         {
             let s = SnapshotStore::open(&dir.path().join("meta")).expect("open");
-            s.tree
-                .insert(SCHEMA_KEY, &(SCHEMA_VERSION + 1).to_be_bytes())
-                .expect("insert");
+            s.apply(vec![(
+                SCHEMA_KEY.to_vec(),
+                Some((SCHEMA_VERSION + 1).to_be_bytes().to_vec()),
+            )])
+            .expect("write");
             s.flush().expect("flush");
         }
         let err = open_when_unlocked(&dir.path().join("meta")).expect_err("newer");
