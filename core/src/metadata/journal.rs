@@ -137,10 +137,11 @@ fn corrupt(what: &str) -> Error {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
 
-    fn tree() -> (tempfile::TempDir, sled::Db, sled::Tree) {
+    /// A scratch database with one tree, `t`.
+    pub(in crate::metadata) fn tree() -> (tempfile::TempDir, sled::Db, sled::Tree) {
         let dir = tempfile::tempdir().expect("tempdir");
         let db = sled::Config::new()
             .path(dir.path().join("db"))

@@ -421,12 +421,7 @@ mod tests {
     }
 
     fn fixture() -> Fixture {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let db = sled::Config::new()
-            .path(dir.path().join("db"))
-            .open()
-            .expect("open");
-        let tree = db.open_tree("t").expect("tree");
+        let (dir, db, tree) = crate::metadata::journal::tests::tree();
         Fixture {
             dir,
             db,
