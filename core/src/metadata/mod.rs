@@ -1092,13 +1092,15 @@ pub fn flush_durably(db: &sled::Db, log: Option<&SledLog>) -> Result<()> {
 
 /// Opens the redo log of the sled database `db` at `dir` (see [`redo`]) and finishes what a
 /// crash cut off: first the tree journals sled recovered (writes torn between their keys),
-/// then each record newer than its tree's marker, oldest first; then checkpoints. Every
+/// then each record newer than its tree's marker, oldest first; then checkpoints (see
+/// [`RedoLog::start`]). Every
 /// write to `db` must then go through [`RedoLog::write`]. Blocking.
 pub fn open_redo_log(db: &sled::Db, dir: &Path) -> Result<RedoLog> {
     let mut markers = BTreeMap::new();
+    let mut finished = false;
     for name in db.tree_names() {
         let tree = db.open_tree(&name)?;
-        journal::recover(&tree)?;
+        finished |= journal::recover(&tree)?;
         markers.insert(name.to_vec(), redo::read_marker(&tree)?);
     }
     let newest = markers.values().map(|m| m.0).max().unwrap_or(0);
@@ -1120,7 +1122,7 @@ pub fn open_redo_log(db: &sled::Db, dir: &Path) -> Result<RedoLog> {
     if replayed > 0 {
         tracing::debug!(path = %dir.display(), replayed, "writes replayed from the redo log");
     }
-    redo.checkpoint()?;
+    redo.start(finished || !records.is_empty())?;
     Ok(redo)
 }
 

@@ -118,8 +118,8 @@ struct State {
 impl RedoLog {
     /// Opens the log at `path`, making it when it is missing or unfinished (with a generation
     /// of at least `min_generation`), and returns it with the records of its current
-    /// generation, oldest first. `checkpoint` makes sled durable. The log checkpoints before
-    /// it takes a write: call [`RedoLog::checkpoint`] once the records are replayed.
+    /// generation, oldest first. `checkpoint` makes sled durable. Call [`RedoLog::start`]
+    /// once the records are replayed; until then the log checkpoints before it takes a write.
     /// Blocking.
     pub fn open(
         path: &Path,
@@ -183,7 +183,9 @@ impl RedoLog {
                 .and_then(|d| d.sync_all())
                 .map_err(|e| io_error("sync the directory of", &self.path, &e))?;
         }
-        self.state_mut().generation = generation;
+        let state = self.state_mut();
+        state.generation = generation;
+        state.stale = false;
         Ok(())
     }
 
@@ -202,10 +204,31 @@ impl RedoLog {
         self.checkpoint_locked(&mut state)
     }
 
+    /// Readies the log for writes after [`RedoLog::open`]: a checkpoint when `sled_changed`
+    /// (the caller replayed records or finished torn writes) or when records were read (sled
+    /// may hold them only in the page cache), else a new generation alone (nothing written
+    /// since the last checkpoint was acknowledged); nothing for a log just made. Blocking.
+    pub fn start(&self, sled_changed: bool) -> Result<()> {
+        let mut state = self.lock();
+        if sled_changed {
+            self.checkpoint_locked(&mut state)
+        } else if state.stale {
+            self.restart_locked(&mut state)
+        } else {
+            Ok(())
+        }
+    }
+
     fn checkpoint_locked(&self, state: &mut State) -> Result<()> {
         state.stale = true;
         (self.checkpoint)()?;
         self.checkpoints.fetch_add(1, Ordering::Relaxed);
+        self.restart_locked(state)
+    }
+
+    /// Starts a new generation (the records so far are never read again).
+    fn restart_locked(&self, state: &mut State) -> Result<()> {
+        state.stale = true;
         // Taken before the write: a retry after a failed one goes higher still.
         state.generation += 1;
         self.file
@@ -479,6 +502,35 @@ mod tests {
         log.checkpoint().expect("checkpoint");
         log.write(&f.tree, put(1)).expect("write");
         assert_eq!(read_marker(&f.tree).expect("marker"), (8, 1));
+    }
+
+    /// Starting takes a checkpoint only when something may be pending: a log just made needs
+    /// nothing, an empty one a new generation, one with records a checkpoint.
+    #[test]
+    fn start_checkpoints_only_what_may_be_pending() {
+        let f = fixture();
+        let (log, _) = f.open(3);
+        log.start(false).expect("start");
+        log.write(&f.tree, put(1)).expect("write");
+        assert_eq!(log.checkpoints(), 0);
+        assert_eq!(read_marker(&f.tree).expect("marker"), (3, 1));
+        log.checkpoint().expect("checkpoint");
+        drop(log);
+
+        let (log, records) = f.open(1);
+        assert!(records.is_empty());
+        log.start(false).expect("start");
+        assert_eq!(log.checkpoints(), 0);
+        log.write(&f.tree, put(2)).expect("write");
+        assert_eq!(read_marker(&f.tree).expect("marker"), (5, 1));
+        drop(log);
+
+        let (log, records) = f.open(1);
+        assert_eq!(records.len(), 1);
+        log.start(true).expect("start");
+        assert_eq!(log.checkpoints(), 1);
+        log.write(&f.tree, put(3)).expect("write");
+        assert_eq!(read_marker(&f.tree).expect("marker"), (6, 1));
     }
 
     #[test]
