@@ -24,14 +24,20 @@ pub type Op = (Vec<u8>, Option<Vec<u8>>);
 /// Writes `ops` to `tree` so that a crash keeps all or none of them. One op goes as a plain
 /// insert or removal. Call it under the tree's writer lock. Nothing is flushed.
 pub fn apply(tree: &sled::Tree, ops: Vec<Op>) -> Result<()> {
-    let journaled = ops.len() > 1;
-    if journaled {
-        tree.insert(JOURNAL_KEY, encode(&ops))?;
+    if ops.len() > 1 {
+        let encoded = encode(&ops);
+        apply_journaled(tree, ops, &encoded)
+    } else {
+        write_each(tree, ops)
     }
+}
+
+/// Writes `ops` to `tree` through the journal, `encoded` being [`encode`]`(&ops)` (made once
+/// for the redo log's record too). Call it under the tree's writer lock.
+pub(super) fn apply_journaled(tree: &sled::Tree, ops: Vec<Op>, encoded: &[u8]) -> Result<()> {
+    tree.insert(JOURNAL_KEY, encoded)?;
     write_each(tree, ops)?;
-    if journaled {
-        tree.remove(JOURNAL_KEY)?;
-    }
+    tree.remove(JOURNAL_KEY)?;
     Ok(())
 }
 
@@ -66,11 +72,13 @@ fn write_each(tree: &sled::Tree, ops: Vec<Op>) -> Result<()> {
 /// `u32` count, then per op: `u32` key length, key, `u8` 1 with `u32` length and value or
 /// `u8` 0 for a removal (lengths big-endian).
 pub(super) fn encode(ops: &[Op]) -> Vec<u8> {
-    let size = ops
-        .iter()
-        .map(|(k, v)| 9 + k.len() + v.as_ref().map_or(0, Vec::len))
-        .sum::<usize>();
-    let mut out = Vec::with_capacity(4 + size);
+    let mut out = Vec::with_capacity(encoded_len(ops));
+    encode_into(&mut out, ops);
+    out
+}
+
+/// [`encode`], appended to `out`.
+pub(super) fn encode_into(out: &mut Vec<u8>, ops: &[Op]) {
     out.extend_from_slice(&len32(ops.len()).to_be_bytes());
     for (key, value) in ops {
         out.extend_from_slice(&len32(key.len()).to_be_bytes());
@@ -84,7 +92,14 @@ pub(super) fn encode(ops: &[Op]) -> Vec<u8> {
             None => out.push(0),
         }
     }
-    out
+}
+
+/// The length of [`encode`]`(ops)`.
+pub(super) fn encoded_len(ops: &[Op]) -> usize {
+    4 + ops
+        .iter()
+        .map(|(k, v)| 5 + k.len() + v.as_ref().map_or(0, |v| 4 + v.len()))
+        .sum::<usize>()
 }
 
 fn len32(n: usize) -> u32 {
@@ -162,6 +177,7 @@ pub(super) mod tests {
     #[test]
     fn encoding_round_trips_and_refuses_damage() {
         let raw = encode(&ops());
+        assert_eq!(raw.len(), encoded_len(&ops()));
         assert_eq!(decode(&raw).expect("decode"), ops());
         assert!(decode(&raw[..raw.len() - 1]).is_err());
         let mut extra = raw.clone();

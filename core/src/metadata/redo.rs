@@ -250,25 +250,30 @@ impl RedoLog {
             self.checkpoint_locked(&mut state)?;
         }
         let name = tree.name();
-        ops.push((MARKER_KEY.to_vec(), None));
-        let mut payload = marked(&name, &mut ops, state.generation, state.next_seq);
-        let mut len = (RECORD_HEAD + payload.len()) as u64;
+        // The marker's value has a fixed size: the record's length is known before it is set.
+        ops.push((MARKER_KEY.to_vec(), Some(marker(0, 0))));
+        let len = (RECORD_HEAD + 2 + name.len() + journal::encoded_len(&ops)) as u64;
         if state.offset + len > SIZE {
             self.checkpoint_locked(&mut state)?;
-            payload = marked(&name, &mut ops, state.generation, state.next_seq);
-            len = (RECORD_HEAD + payload.len()) as u64;
-            if HEADER + len > SIZE {
-                // Before every record of this generation, after every earlier one.
-                marked(&name, &mut ops, state.generation, 0);
-                journal::apply(tree, ops)?;
-                return self.checkpoint_locked(&mut state);
-            }
         }
-        if let Err(e) = journal::apply(tree, ops) {
+        // A write larger than the whole log is marked before every record of this
+        // generation, after every earlier one.
+        let logged = HEADER + len <= SIZE;
+        let seq = if logged { state.next_seq } else { 0 };
+        if let Some(last) = ops.last_mut() {
+            last.1 = Some(marker(state.generation, seq));
+        }
+        let payload = encode(&name, &ops);
+        // The payload ends with the journal's encoding of the ops: made once for both.
+        let journal = &payload[2 + name.len()..];
+        if let Err(e) = journal::apply_journaled(tree, ops, journal) {
             state.stale = true;
             return Err(e);
         }
-        let record = record(state.generation, state.next_seq, &payload);
+        if !logged {
+            return self.checkpoint_locked(&mut state);
+        }
+        let record = record(state.generation, seq, &payload);
         if let Err(e) = self.file.write_all_at(&record, state.offset) {
             // Applied but not logged: only a checkpoint makes it durable now.
             state.stale = true;
@@ -307,14 +312,6 @@ impl RedoLog {
     }
 }
 
-/// Sets the marker (the last of `ops`) to (`generation`, `seq`) and returns the payload.
-fn marked(tree: &[u8], ops: &mut [Op], generation: u64, seq: u64) -> Vec<u8> {
-    if let Some(last) = ops.last_mut() {
-        last.1 = Some(marker(generation, seq));
-    }
-    encode(tree, ops)
-}
-
 fn marker(generation: u64, seq: u64) -> Vec<u8> {
     [generation.to_be_bytes(), seq.to_be_bytes()].concat()
 }
@@ -338,12 +335,14 @@ pub fn read_marker(tree: &sled::Tree) -> Result<(u64, u64)> {
     }
 }
 
-/// The payload of a write of `ops` to the tree `tree`.
+/// The payload of a write of `ops` to the tree `tree`: the name's length and the name, then
+/// the journal's encoding of `ops`.
 pub fn encode(tree: &[u8], ops: &[Op]) -> Vec<u8> {
     let name_len = u16::try_from(tree.len()).expect("sled tree names are short");
-    let mut out = name_len.to_be_bytes().to_vec();
+    let mut out = Vec::with_capacity(2 + tree.len() + journal::encoded_len(ops));
+    out.extend_from_slice(&name_len.to_be_bytes());
     out.extend_from_slice(tree);
-    out.extend_from_slice(&journal::encode(ops));
+    journal::encode_into(&mut out, ops);
     out
 }
 
