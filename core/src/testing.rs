@@ -15,7 +15,7 @@ use std::time::SystemTime;
 use crate::content::{
     ByteStream, CallContext, ContentStore, ContentWriter, Digest, Info, Status, WriterRequest,
 };
-use crate::error::{Error, ErrorKind, Result};
+use crate::error::{Classify, Error, ErrorKind, Result};
 use crate::filters::Filter;
 use crate::labels::Labels;
 
@@ -597,4 +597,22 @@ impl crate::snapshot::Snapshotter for MemorySnapshotter {
     ) -> Result<Vec<crate::snapshot::SnapshotInfo>> {
         Ok(self.lock().values().cloned().collect())
     }
+}
+
+/// `open()`'s answer once sled's file lock is free: a database this process dropped a moment
+/// ago lets go of the lock shortly after (its log threads finish), so a test that reopens one
+/// retries while the answer is Unavailable, for up to 2 s. Any other answer is returned as it
+/// is. A restarted daemon is a new process and never waits.
+pub fn open_when_unlocked<T>(open: impl Fn() -> Result<T>) -> Result<T> {
+    let mut opened = open();
+    for _ in 0..40 {
+        match &opened {
+            Err(e) if e.kind() == ErrorKind::Unavailable => {
+                std::thread::sleep(std::time::Duration::from_millis(50));
+                opened = open();
+            }
+            _ => break,
+        }
+    }
+    opened
 }

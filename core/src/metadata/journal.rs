@@ -207,10 +207,11 @@ pub(super) mod tests {
         tree.insert(b"a", b"1".as_slice()).expect("first key");
         db.flush().expect("flush");
         drop((tree, db));
-        let db = sled::Config::new()
-            .path(dir.path().join("db"))
-            .open()
-            .expect("reopen");
+        let path = dir.path().join("db");
+        let db = crate::testing::open_when_unlocked(|| {
+            crate::metadata::open_sled(sled::Config::new().path(&path), &path, "test database")
+        })
+        .expect("reopen");
         let tree = db.open_tree("t").expect("tree");
         assert!(recover(&tree).expect("recover"));
         assert_eq!(tree.get(b"a").expect("get").as_deref(), Some(&b"1"[..]));

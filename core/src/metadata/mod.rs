@@ -319,7 +319,6 @@ pub struct MetaStore {
     shared: Arc<SharedDb>,
     tree: sled::Tree,
     writer: Mutex<()>,
-    no_sync: bool,
     /// Keys to remove with the next write (see [`MetaStore::remove_with_next_write`]).
     deferred: Mutex<Vec<Vec<u8>>>,
 }
@@ -327,7 +326,7 @@ pub struct MetaStore {
 impl std::fmt::Debug for MetaStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("MetaStore")
-            .field("no_sync", &self.no_sync)
+            .field("db", &self.shared)
             .finish_non_exhaustive()
     }
 }
@@ -344,27 +343,22 @@ impl MetaStore {
         migrations: &[Migration],
     ) -> Result<MetaStore> {
         let shared = SharedDb::open(dir, config.no_sync)?;
-        Self::open_shared_with(shared, config, migrations)
+        Self::open_shared_with(shared, migrations)
     }
 
     /// Opens the store in the shared database `shared` (whose other trees belong to
-    /// compiled-in plugins, see [`SharedMetadata`]) and brings its schema up to date.
-    /// Blocking.
-    pub fn open_shared(shared: Arc<SharedDb>, config: &MetadataConfig) -> Result<MetaStore> {
-        Self::open_shared_with(shared, config, MIGRATIONS)
+    /// compiled-in plugins, see [`SharedMetadata`]; it was opened with the store's `no_sync`)
+    /// and brings its schema up to date. Blocking.
+    pub fn open_shared(shared: Arc<SharedDb>) -> Result<MetaStore> {
+        Self::open_shared_with(shared, MIGRATIONS)
     }
 
-    fn open_shared_with(
-        shared: Arc<SharedDb>,
-        config: &MetadataConfig,
-        migrations: &[Migration],
-    ) -> Result<MetaStore> {
+    fn open_shared_with(shared: Arc<SharedDb>, migrations: &[Migration]) -> Result<MetaStore> {
         let tree = shared.db.open_tree(TREE)?;
         let store = MetaStore {
             shared,
             tree,
             writer: Mutex::new(()),
-            no_sync: config.no_sync,
             deferred: Mutex::new(Vec::new()),
         };
         // The tree's journal was finished by `SharedDb::open`, before the redo log's replay.
@@ -495,7 +489,7 @@ impl MetaStore {
     /// Returns once the write numbered `seq` (from [`MetaStore::write_unflushed`]) is durable,
     /// sharing the flush with concurrent writers; at once for `seq` 0 or with `no_sync`.
     pub(crate) async fn durable(&self, seq: u64) -> Result<()> {
-        if seq != 0 && !self.no_sync {
+        if seq != 0 && !self.shared.no_sync() {
             self.shared.flush.wait(seq).await?;
         }
         Ok(())
@@ -1009,24 +1003,21 @@ impl GroupFlush {
     }
 }
 
-/// sled's log file (`<dir>/db`), opened beside the database to make its flushes durable.
+/// sled's log file (`<dir>/db`), opened beside the database to make a checkpoint durable.
 ///
 /// sled 0.34 ends a flush with `sync_file_range`, which writes the log's pages and waits for
 /// them but commits no file metadata (the log grows as it fills segments) and asks the disk
 /// for no cache flush: a flushed change survives the daemon's death, not a power loss.
-/// Durability needs both (SPEC: durability unless `no_sync`), so a durable sled flush (a
-/// checkpoint of the core's database, or each flush of a snapshotter's own database) ends
-/// with an `fdatasync` of the same file.
-#[derive(Debug)]
-pub struct SledLog {
+/// Durability needs both (SPEC: durability unless `no_sync`), so a checkpoint ends with an
+/// `fdatasync` of the same file.
+struct SledLog {
     file: std::fs::File,
     path: PathBuf,
-    syncs: std::sync::atomic::AtomicU64,
 }
 
 impl SledLog {
     /// Opens the log of the sled database at `dir` (open already). Blocking.
-    pub fn open(dir: &Path) -> Result<SledLog> {
+    fn open(dir: &Path) -> Result<SledLog> {
         let path = dir.join("db");
         let file = std::fs::File::open(&path).map_err(|e| {
             Error::internal(format!(
@@ -1034,29 +1025,19 @@ impl SledLog {
                 path.display()
             ))
         })?;
-        Ok(SledLog {
-            file,
-            path,
-            syncs: std::sync::atomic::AtomicU64::new(0),
-        })
+        Ok(SledLog { file, path })
     }
 
-    /// `fdatasync` of the log. Blocking.
-    pub fn sync(&self) -> Result<()> {
+    /// `db.flush()`, then an `fdatasync` of the log: everything applied to `db` is durable.
+    /// Blocking.
+    fn flush_durably(&self, db: &sled::Db) -> Result<()> {
+        db.flush()?;
         self.file.sync_data().map_err(|e| {
             Error::internal(format!(
                 "cannot sync the metadata log {}: {e}",
                 self.path.display()
             ))
-        })?;
-        self.syncs
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        Ok(())
-    }
-
-    /// How many syncs succeeded.
-    pub fn syncs(&self) -> u64 {
-        self.syncs.load(std::sync::atomic::Ordering::Relaxed)
+        })
     }
 }
 
@@ -1081,20 +1062,11 @@ pub fn open_sled(config: sled::Config, dir: &Path, what: &str) -> Result<sled::D
     })
 }
 
-/// `db.flush()`, then the log's `fdatasync` when there is one (see [`SledLog`]). Blocking.
-pub fn flush_durably(db: &sled::Db, log: Option<&SledLog>) -> Result<()> {
-    db.flush()?;
-    if let Some(log) = log {
-        log.sync()?;
-    }
-    Ok(())
-}
-
 /// Opens the redo log of the sled database `db` at `dir` (see [`redo`]) and finishes what a
 /// crash cut off: first the tree journals sled recovered (writes torn between their keys),
 /// then each record newer than its tree's marker, oldest first; then checkpoints (see
-/// [`RedoLog::start`]). Every
-/// write to `db` must then go through [`RedoLog::write`]. Blocking.
+/// [`RedoLog::start`]). Every write to `db` must then go through [`RedoLog::write`].
+/// Blocking.
 pub fn open_redo_log(db: &sled::Db, dir: &Path) -> Result<RedoLog> {
     let mut markers = BTreeMap::new();
     let mut finished = false;
@@ -1109,7 +1081,7 @@ pub fn open_redo_log(db: &sled::Db, dir: &Path) -> Result<RedoLog> {
     let (redo, records) = RedoLog::open(
         &dir.join(redo::FILE_NAME),
         newest + 1,
-        Box::new(move || flush_durably(&checkpoint_db, Some(&sled_log))),
+        Box::new(move || sled_log.flush_durably(&checkpoint_db)),
     )?;
     let mut replayed = 0usize;
     for record in &records {
@@ -1135,7 +1107,6 @@ pub fn open_redo_log(db: &sled::Db, dir: &Path) -> Result<RedoLog> {
 pub struct SharedDb {
     db: sled::Db,
     flush: GroupFlush,
-    no_sync: bool,
     path: PathBuf,
     co_flushed: Mutex<BTreeSet<String>>,
 }
@@ -1144,7 +1115,7 @@ impl std::fmt::Debug for SharedDb {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("SharedDb")
             .field("path", &self.path)
-            .field("no_sync", &self.no_sync)
+            .field("no_sync", &self.no_sync())
             .finish_non_exhaustive()
     }
 }
@@ -1183,10 +1154,15 @@ impl SharedDb {
         Ok(Arc::new(SharedDb {
             db,
             flush: GroupFlush::new(redo),
-            no_sync,
             path: dir.to_owned(),
             co_flushed: Mutex::new(BTreeSet::new()),
         }))
+    }
+
+    /// Whether replies wait for no flush: the database was opened with `no_sync`, so it has
+    /// no redo log.
+    fn no_sync(&self) -> bool {
+        self.flush.inner.redo.is_none()
     }
 
     /// Applies `ops` to `tree` (a tree of this database) atomically and logs them; they are
@@ -1270,7 +1246,7 @@ impl SharedTree {
     /// pending writes included (they then need no flush of their own). Blocking; nothing to
     /// do with `no_sync`.
     pub fn flush(&self) -> Result<()> {
-        if self.shared.no_sync {
+        if self.shared.no_sync() {
             return Ok(());
         }
         self.shared.flush.flush_now()
@@ -1365,11 +1341,9 @@ pub fn registration() -> crate::registry::Registration {
             .into_iter()
             .collect();
         let shared = ctx.shared_metadata();
-        let open_config = config.clone();
-        let store =
-            tokio::task::spawn_blocking(move || MetaStore::open_shared(shared.db()?, &open_config))
-                .await
-                .map_err(|e| Error::internal(format!("metadata open task: {e}")))??;
+        let store = tokio::task::spawn_blocking(move || MetaStore::open_shared(shared.db()?))
+            .await
+            .map_err(|e| Error::internal(format!("metadata open task: {e}")))??;
         let metadata = Metadata::with_snapshotters(
             std::sync::Arc::new(store),
             events,
@@ -1415,19 +1389,9 @@ mod tests {
         when_unlocked(|| MetaStore::open_with(path, &MetadataConfig::default(), migrations))
     }
 
-    /// `open()`'s result once sled's file lock is free (see [`open_migrated`]).
+    /// `open()`'s result once sled's file lock is free.
     fn when_unlocked<T>(open: impl Fn() -> Result<T>) -> T {
-        let mut opened = open();
-        for _ in 0..40 {
-            match &opened {
-                Err(e) if e.kind() == ErrorKind::Unavailable => {
-                    std::thread::sleep(std::time::Duration::from_millis(50));
-                    opened = open();
-                }
-                _ => break,
-            }
-        }
-        opened.expect("open")
+        crate::testing::open_when_unlocked(open).expect("open")
     }
 
     #[tokio::test]
@@ -1828,12 +1792,8 @@ mod tests {
                     .expect("write");
                 log.sync().expect("sync");
             }
-            let config = MetadataConfig {
-                no_sync,
-                ..MetadataConfig::default()
-            };
             let shared = when_unlocked(|| SharedDb::open(&path, no_sync));
-            let store = MetaStore::open_shared(Arc::clone(&shared), &config).expect("open store");
+            let store = MetaStore::open_shared(Arc::clone(&shared)).expect("open store");
             let labels = store
                 .namespace_labels(&ns("replayed"))
                 .expect("replayed namespace");
@@ -1926,8 +1886,7 @@ mod tests {
     async fn a_plugin_flush_of_the_shared_db_covers_pending_writes() {
         let dir = tempfile::tempdir().expect("tempdir");
         let shared = SharedDb::open(&dir.path().join("meta"), false).expect("shared");
-        let store =
-            MetaStore::open_shared(Arc::clone(&shared), &MetadataConfig::default()).expect("open");
+        let store = MetaStore::open_shared(Arc::clone(&shared)).expect("open");
         let plugin = shared.tree("plugin").expect("tree");
         assert!(
             shared.tree(TREE).is_err(),

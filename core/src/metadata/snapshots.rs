@@ -13,10 +13,10 @@
 //! [`crate::metadata::SharedDb`]) flushes that database before its call returns, which makes
 //! the record durable too: one flush per call, and the record never reaches the disk after
 //! the backend's (the redo log replays a prefix of its records, and the record is earlier
-//! in it). For any other backend (a proxy, with a database of its own) the record's flush and the
-//! backend's call run at the same time rather than one after the other, so a crash can also
-//! keep the backend's change without the record (a backend snapshot no record names, swept
-//! by the next collection). In both cases a crash can keep the record without the backend's
+//! in it). For any other backend (a proxy, with a database of its own) the record's flush
+//! and the backend's call run at the same time rather than one after the other, so a crash
+//! can also keep the backend's change without the record (a backend snapshot no record
+//! names, swept by the next collection). In both cases a crash can keep the record without the backend's
 //! change: a record without its backend snapshot is found missing on use and collected, and
 //! Commit records an intent with the committed record, so that a crash which kept the record
 //! but not the backend's commit is finished (or undone) by

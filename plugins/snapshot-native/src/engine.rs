@@ -378,9 +378,9 @@ impl<L: Layout> Engine<L> {
                 // No fsync of snapshots/ here (it cost more than the record's flush), as in
                 // containerd's snapshotters: a killed daemon's renames are in the page cache,
                 // which survives it. Against a power loss, on a journaled file system the
-                // record's flush (which ends in an fdatasync, see `SledLog`) commits the
-                // journal transaction that holds the rename as well; on one without a journal
-                // the rename can be lost while the record stays.
+                // record's flush (an fdatasync of the metadata redo log) commits the journal
+                // transaction that holds the rename as well; on one without a journal the
+                // rename can be lost while the record stays.
             }
             Ok(())
         });

@@ -11,8 +11,9 @@
 //!   database, the one the metadata layer keeps its namespaced records in. One sync of the
 //!   database's redo log makes every write logged before it durable, so the flush that makes
 //!   this store's write durable also covers the metadata layer's record written just before
-//!   it: one flush per Prepare, View or Commit instead of one per database. A `<root>/metadata.sled` found at open (an older berth's)
-//!   is copied into the tree, flushed, and removed, once.
+//!   it: one flush per Prepare, View or Commit instead of one per database. A
+//!   `<root>/metadata.sled` found at open (an older berth's) is copied into the tree,
+//!   flushed, and removed, once.
 //!
 //! # Layout
 //!
@@ -40,8 +41,8 @@
 //! the redo log; file-system steps that must agree with the records (renaming a new
 //! snapshot's directory into place, listing orphan directories) run under the same lock. A
 //! call returns after the redo log was synced (but for a removal in the shared database, see
-//! [`SnapshotStore::remove`]). Ids are
-//! reserved in blocks, so the id counter is written once per block, not with every record.
+//! [`SnapshotStore::remove`]). Ids are reserved in blocks, so the id counter is written once
+//! per block, not with every record.
 //!
 //! # Schema versions
 //!
@@ -794,21 +795,9 @@ mod tests {
         assert!(c.id > 2, "ids handed out before the restart are not reused");
     }
 
-    /// Opens the store at `dir`, waiting out the file lock sled's background flusher can
-    /// hold a moment after a store of the same process was dropped (a restarted daemon is a
-    /// new process and never waits); any other answer is returned as it is.
+    /// Opens the store at `dir` once sled's file lock is free.
     fn open_when_unlocked(dir: &Path) -> Result<SnapshotStore> {
-        let mut opened = SnapshotStore::open(dir);
-        for _ in 0..40 {
-            match &opened {
-                Err(e) if e.kind() == ErrorKind::Unavailable => {
-                    std::thread::sleep(std::time::Duration::from_millis(50));
-                    opened = SnapshotStore::open(dir);
-                }
-                _ => break,
-            }
-        }
-        opened
+        berth_core::testing::open_when_unlocked(|| SnapshotStore::open(dir))
     }
 
     fn reopen(dir: &Path) -> SnapshotStore {
