@@ -1982,18 +1982,10 @@ mod tests {
             let store = open_migrated(&path, V2);
             assert_eq!(store.schema_version().expect("v"), 2);
         }
-        let older = || MetaStore::open_with(&path, &MetadataConfig::default(), &MIGRATIONS[..1]);
-        let mut refused = older();
-        for _ in 0..40 {
-            match &refused {
-                Err(e) if e.kind() == ErrorKind::Unavailable => {
-                    std::thread::sleep(std::time::Duration::from_millis(50));
-                    refused = older();
-                }
-                _ => break,
-            }
-        }
-        let err = refused.expect_err("newer");
+        let err = crate::testing::open_when_unlocked(|| {
+            MetaStore::open_with(&path, &MetadataConfig::default(), &MIGRATIONS[..1])
+        })
+        .expect_err("newer");
         assert_eq!(err.kind(), ErrorKind::FailedPrecondition);
         assert!(err.to_string().contains("newer"), "{err}");
     }
